@@ -1,0 +1,1 @@
+"""Frontend: the public Inference gRPC API and the OpenAI-compatible HTTP API."""

@@ -1,0 +1,142 @@
+"""The request path shared by the gRPC and the OpenAI APIs:
+tokenizer.Prepare → scheduler.Submit → token chunks.
+
+Errors from either service arrive as the same domain errors the services
+raised (``error_from_rpc``), so both APIs map them identically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+
+from llmfabric.common.v1 import common_pb2
+from llmfabric.convert import chunk_from_pb, request_from_pb, request_to_pb
+from llmfabric.runtime.context import outgoing_metadata
+from llmfabric.runtime.errors import DeadlineExceeded, FabricError, error_from_rpc
+from llmfabric.runtime.server import GRPC_OPTIONS
+from llmfabric.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from llmfabric.structs import TokenChunk, ValidatedRequest
+from llmfabric.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GenerationInput:
+    """A client request as either API received it."""
+
+    request_id: str  # fabric-wide id
+    model: str  # requested model ("" = default)
+    prompt: str | None  # raw prompt, or
+    messages: tuple[tuple[str, str], ...] | None  # (role, content) pairs
+    sampling: common_pb2.SamplingParams  # client values (unset = default)
+    tenant_id: str = ""  # from the edge
+    priority: int = 0  # common.v1.Priority
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelCard:
+    """A served model."""
+
+    name: str  # model id
+    context_length: int  # tokens
+    created: int  # unix seconds the frontend learned of it
+
+
+def _remaining(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded("deadline passed")
+    return left
+
+
+class Pipeline:
+    """Clients of the tokenizer and the scheduler."""
+
+    def __init__(self, tokenizer_address: str, scheduler_address: str) -> None:
+        self._tok_channel = grpc.aio.insecure_channel(tokenizer_address, options=GRPC_OPTIONS)
+        self._sched_channel = grpc.aio.insecure_channel(scheduler_address, options=GRPC_OPTIONS)
+        self.tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(self._tok_channel)
+        self.scheduler = scheduler_pb2_grpc.SchedulerServiceStub(self._sched_channel)
+        self.models: list[ModelCard] = []
+
+    async def connect(self, timeout: float = 120.0) -> None:
+        """Wait until the tokenizer answers and learn the served models."""
+        start = time.monotonic()
+        while True:
+            try:
+                info = await self.tokenizer.GetModelInfo(tokenizer_pb2.GetModelInfoRequest(), timeout=5)
+                self.models = [ModelCard(info.model, info.context_length, int(time.time()))]
+                return
+            except grpc.aio.AioRpcError as err:
+                if time.monotonic() - start > timeout:
+                    raise RuntimeError(f"tokenizer not reachable: {err.code().name} {err.details()}") from None
+                await asyncio.sleep(0.2)
+
+    async def close(self) -> None:
+        await self._tok_channel.close()
+        await self._sched_channel.close()
+
+    async def prepare(self, inp: GenerationInput, deadline: float | None) -> ValidatedRequest:
+        req = tokenizer_pb2.PrepareRequest(
+            request_id=inp.request_id,
+            model=inp.model,
+            sampling=inp.sampling,
+            tenant=common_pb2.Tenant(id=inp.tenant_id),
+            priority=inp.priority,
+        )
+        if inp.messages is not None:
+            req.conversation.messages.extend(common_pb2.ChatMessage(role=r, content=c) for r, c in inp.messages)
+        else:
+            req.prompt = inp.prompt or ""
+        try:
+            resp = await self.tokenizer.Prepare(req, timeout=_remaining(deadline), metadata=outgoing_metadata())
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err) from None
+        return request_from_pb(resp.request)
+
+    async def stream(self, request: ValidatedRequest, deadline: float | None) -> AsyncIterator[TokenChunk]:
+        """Chunks from the scheduler; cancelling the consumer cancels the call
+        (and so the generation on the worker)."""
+        call = self.scheduler.Submit(
+            scheduler_pb2.SubmitRequest(request=request_to_pb(request)),
+            timeout=_remaining(deadline),
+            metadata=outgoing_metadata(),
+        )
+        try:
+            async for resp in call:
+                yield chunk_from_pb(resp.chunk)
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err) from None
+        finally:
+            call.cancel()
+
+    async def run(self, inp: GenerationInput, deadline: float | None = None) -> AsyncIterator[TokenChunk]:
+        """Prepare then stream."""
+        validated = await self.prepare(inp, deadline)
+        async for chunk in self.stream(validated, deadline):
+            yield chunk
+
+
+async def collect(chunks: AsyncIterator[TokenChunk]) -> tuple[str, TokenChunk]:
+    """Concatenate a stream's text; return it with the final chunk."""
+    parts: list[str] = []
+    last: TokenChunk | None = None
+    async for chunk in chunks:
+        parts.append(chunk.text)
+        last = chunk
+    if last is None or last.finish is None:
+        raise FabricError("stream ended without a final chunk")
+    return "".join(parts), last
+
+
+def message_pairs(messages: Sequence[common_pb2.ChatMessage]) -> tuple[tuple[str, str], ...]:
+    return tuple((m.role, m.content) for m in messages)

@@ -1,0 +1,108 @@
+"""The one server interceptor: request ids, error mapping, RPC metrics.
+
+* ``x-request-id`` from the caller (or a new one) goes into a contextvar, so
+  every log line and every downstream call carries it.
+* Domain errors (``errors.FabricError``) and errors relayed from downstream
+  services become gRPC statuses with an ``ErrorInfo`` trailer; anything else
+  is logged with its traceback and reported as INTERNAL without internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from .context import request_id_from_metadata, request_id_var
+from .errors import FabricError, error_from_rpc, trailers_for
+from .metrics import RpcMetrics
+
+log = logging.getLogger(__name__)
+
+_SILENT_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def _map_exception(exc: BaseException, method: str) -> FabricError:
+    if isinstance(exc, FabricError):
+        return exc
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return error_from_rpc(exc)
+    log.exception("unhandled error in %s", method, exc_info=exc)
+    return FabricError(f"internal error in {method.rsplit('/', 1)[-1]}; see server logs (request id {request_id_var.get()})")
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: FabricError) -> None:
+    context.set_trailing_metadata(trailers_for(err))
+    await context.abort(err.code, err.message)
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps unary-unary and unary-stream handlers (the shapes we serve)."""
+
+    def __init__(self, metrics: RpcMetrics | None = None) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(_SILENT_METHODS):
+            return handler
+        method = details.method
+        metadata = details.invocation_metadata
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary(request, context):
+                # each RPC runs in its own task and context: no reset needed
+                request_id_var.set(request_id_from_metadata(metadata))
+                start, code = time.perf_counter(), "OK"
+                try:
+                    return await inner(request, context)
+                except asyncio.CancelledError:
+                    code = "CANCELLED"
+                    raise
+                except grpc.aio.AbortError:
+                    code = "ABORTED_BY_HANDLER"
+                    raise
+                except Exception as exc:  # noqa: BLE001 - mapped below
+                    err = _map_exception(exc, method)
+                    code = err.code.name
+                    await _abort(context, err)
+                finally:
+                    self._observe(method, code, start)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            )
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
+
+            async def stream(request, context):
+                # each RPC runs in its own task and context: no reset needed
+                request_id_var.set(request_id_from_metadata(metadata))
+                start, code = time.perf_counter(), "OK"
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except asyncio.CancelledError:
+                    code = "CANCELLED"
+                    raise
+                except grpc.aio.AbortError:
+                    code = "ABORTED_BY_HANDLER"
+                    raise
+                except Exception as exc:  # noqa: BLE001 - mapped below
+                    err = _map_exception(exc, method)
+                    code = err.code.name
+                    await _abort(context, err)
+                finally:
+                    self._observe(method, code, start)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            )
+        return handler
+
+    def _observe(self, method: str, code: str, start: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(method, code, time.perf_counter() - start)

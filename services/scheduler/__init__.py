@@ -1,0 +1,1 @@
+"""Scheduler service: queueing, admission and routing to workers."""

@@ -1,0 +1,123 @@
+"""Admission, waiting for a worker slot, and relaying a worker's stream.
+
+``Dispatcher.submit`` is the whole life of a request in the scheduler:
+admit (or RESOURCE_EXHAUSTED) → wait in the queue until some worker has a
+free slot (bounded by the caller's deadline) → stream from the worker →
+release the slot. A worker that fails before the first token is marked
+unhealthy and the request is retried elsewhere (``max_retries``); after the
+first token the stream ends with UNAVAILABLE. Cancellation at any point
+removes the request from the queue or cancels the worker call, which stops
+generation on the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from llmfabric.convert import chunk_from_pb, request_to_pb
+from llmfabric.runtime.context import outgoing_metadata
+from llmfabric.runtime.errors import DeadlineExceeded, Unavailable, error_from_rpc
+from llmfabric.structs import TokenChunk, ValidatedRequest
+from llmfabric.worker.v1 import worker_pb2
+
+from .pool import WorkerHandle, WorkerPool
+from .queue import RequestQueue, Waiter
+from .router import Router
+
+log = logging.getLogger(__name__)
+
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+
+
+class Dispatcher:
+    def __init__(self, pool: WorkerPool, queue: RequestQueue, router: Router, max_retries: int = 1) -> None:
+        self.pool = pool
+        self.queue = queue
+        self.router = router
+        self.max_retries = max_retries
+        pool.on_change = self._dispatch
+
+    @property
+    def running(self) -> int:
+        return sum(w.in_flight for w in self.pool.workers.values())
+
+    def _dispatch(self) -> None:
+        """Hand free worker slots to waiters in queue order."""
+        while True:
+            candidates = self.pool.available()
+            if not candidates:
+                break
+            waiter = self.queue.pop()
+            if waiter is None:
+                break
+            if waiter.future.done():
+                continue
+            worker = self.router.pick(candidates, waiter.request)
+            worker.in_flight += 1
+            waiter.future.set_result(worker)
+        if not self.pool.healthy():
+            for waiter in self.queue.drain():
+                if not waiter.future.done():
+                    waiter.future.set_exception(Unavailable("no healthy worker is available"))
+
+    def _release(self, worker: WorkerHandle) -> None:
+        worker.in_flight -= 1
+        self._dispatch()
+
+    async def _lease(self, request: ValidatedRequest, timeout: float | None) -> WorkerHandle:
+        if not self.pool.healthy():
+            raise Unavailable("no healthy worker is available")
+        waiter = Waiter(request, asyncio.get_running_loop().create_future())
+        self.queue.push(waiter)
+        self._dispatch()
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+        except (asyncio.CancelledError, asyncio.TimeoutError) as exc:
+            self.queue.remove(waiter)
+            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+                self._release(waiter.future.result())  # got a slot just as we gave up
+            else:
+                waiter.future.cancel()
+            if isinstance(exc, asyncio.TimeoutError):
+                raise DeadlineExceeded("deadline passed while waiting for a worker") from None
+            raise
+
+    async def submit(self, request: ValidatedRequest, timeout: float | None = None) -> AsyncIterator[tuple[TokenChunk, str]]:
+        """Yield (chunk, worker id) pairs until the final chunk."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        attempts = 0
+        while True:
+            worker = await self._lease(request, None if deadline is None else deadline - loop.time())
+            started = False
+            call = worker.stub.Generate(
+                worker_pb2.GenerateRequest(request=request_to_pb(request)),
+                timeout=None if deadline is None else max(deadline - loop.time(), 0.001),
+                metadata=outgoing_metadata(),
+            )
+            try:
+                async for resp in call:
+                    started = True
+                    yield chunk_from_pb(resp.chunk), worker.id
+                return
+            except grpc.aio.AioRpcError as err:
+                code = err.code()
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise DeadlineExceeded("deadline passed while generating") from None
+                if code not in _RETRYABLE or code == grpc.StatusCode.INTERNAL and started:
+                    raise error_from_rpc(err) from None
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    self.pool.mark_failed(worker, err.details() or code.name)
+                if started:
+                    raise Unavailable(f"worker {worker.id} failed mid-stream: {err.details()}") from None
+                attempts += 1
+                if attempts > self.max_retries:
+                    raise Unavailable(f"worker {worker.id} failed before the first token: {err.details()}") from None
+                log.warning("retrying on another worker", extra={"worker": worker.id, "code": code.name})
+            finally:
+                call.cancel()  # no-op when finished; stops generation when the caller went away
+                self._release(worker)

@@ -1,0 +1,1 @@
+"""Tokenizer service: validation, chat templating and tokenization."""

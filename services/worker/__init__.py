@@ -1,0 +1,1 @@
+"""Inference worker: one gRPC service over several engines."""

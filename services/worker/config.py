@@ -1,0 +1,34 @@
+"""Worker service settings (prefix ``LLMFABRIC_WORKER_``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from llmfabric.runtime.config import ConfigError, ServerSettings, setting
+
+from .engine import EngineKind
+
+PREFIX = "LLMFABRIC_WORKER_"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerConfig(ServerSettings):
+    """Settings of one inference worker."""
+
+    worker_id: str = setting("", help="id reported to the scheduler (default: worker-<port>)")
+    engine: str = setting("embedded", help="engine backend: embedded")
+    model_name: str = setting("", help="served model name (default: the catalog's)")
+    context_length: int = setting(2048, help="tokens per sequence (prompt + answer); must match the tokenizer's")
+    capacity: int = setting(4, help="sequences decoded together in one batch")
+    max_waiting: int = setting(64, help="requests allowed to wait for a free sequence slot")
+    n_batch: int = setting(512, help="tokens per llama_decode call (prefill chunk budget)")
+    n_threads: int = setting(1, help="llama.cpp threads for single-token decode")
+    n_threads_batch: int = setting(2, help="llama.cpp threads for prompt processing")
+
+    def validate(self) -> None:
+        kinds = [k.value for k in EngineKind]
+        if self.engine not in kinds:
+            raise ConfigError(f"{PREFIX}ENGINE={self.engine!r}: must be one of {', '.join(kinds)}")
+        for name, low in (("context_length", 16), ("capacity", 1), ("max_waiting", 0), ("n_batch", 32)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{PREFIX}{name.upper()}={getattr(self, name)}: must be at least {low}")

@@ -1,0 +1,246 @@
+"""The embedded engine: llama.cpp in-process on the CPU.
+
+One llama.cpp context holds up to ``capacity`` sequences. A dedicated
+thread runs the step loop: admit waiting requests into free sequence slots,
+build one ``llama_decode`` batch with a prompt chunk for every prefilling
+sequence and one token for every decoding one, sample per sequence, stream
+text out, free finished and cancelled sequences' KV cells at once. (The
+radix prefix cache plugs into admission/free: see the worker-backends issue.)
+ctypes releases the GIL during ``llama_decode``, so the asyncio loop stays
+responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+import llama_cpp
+
+from llmfabric.models.catalog import ModelSpec
+from llmfabric.models.detok import IncrementalDetokenizer, StopMatcher
+from llmfabric.models.gguf import GgufModel
+from llmfabric.runtime.errors import ResourceExhausted, Unavailable
+from llmfabric.structs import Finish, TokenChunk, ValidatedRequest
+
+from .engine import EngineInfo, EngineKind, EngineLoad
+from .sampler import build_sampler, free_sampler
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedEngine:
+    """llama.cpp continuous-batching engine."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        context_length: int = 2048,
+        capacity: int = 4,
+        max_waiting: int = 64,
+        n_batch: int = 512,
+        n_threads: int = 1,
+        n_threads_batch: int = 2,
+    ) -> None:
+        self.spec = spec
+        self.info = EngineInfo(EngineKind.EMBEDDED, spec.name, context_length, capacity)
+        self.max_waiting = max_waiting
+        self.n_batch = n_batch
+        self.n_threads = n_threads
+        self.n_threads_batch = n_threads_batch
+        self.model: GgufModel | None = None
+        self._ctx = None
+        self._batch = None
+        self._mem = None
+        self._inbox: queue.Queue[Sequence] = queue.Queue()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._running: list[Sequence] = []
+        self._free_ids = list(range(capacity))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._prompt_total = 0
+        self._kv_used = 0
+
+    # ---------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        await asyncio.to_thread(self._open)
+        self._thread = threading.Thread(target=self._loop, name="llama-engine", daemon=True)
+        self._thread.start()
+
+    def _open(self) -> None:
+        self.model = GgufModel(self.spec.path, vocab_only=False)
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx = self.info.context_length * self.info.capacity
+        p.n_batch = self.n_batch
+        p.n_ubatch = self.n_batch
+        p.n_seq_max = self.info.capacity
+        p.n_threads = self.n_threads
+        p.n_threads_batch = self.n_threads_batch
+        if hasattr(p, "kv_unified"):
+            p.kv_unified = True  # one cell pool shared by all sequences (prefix sharing needs it)
+        self._ctx = llama_cpp.llama_init_from_model(self.model.handle, p)
+        if not self._ctx:
+            raise RuntimeError("llama.cpp could not create a context")
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, self.info.capacity)
+        log.info(
+            "embedded engine ready",
+            extra={"model": self.spec.name, "n_ctx": p.n_ctx, "capacity": self.info.capacity},
+        )
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self.model is not None:
+            self.model.close()
+
+    # ---------------------------------------------------------- asyncio side
+    async def generate(self, request: ValidatedRequest) -> AsyncIterator[TokenChunk]:
+        if self.model is None or self._stop.is_set():
+            raise Unavailable("engine is not running")
+        if self._inbox.qsize() + len(self._waiting) >= self.max_waiting:
+            raise ResourceExhausted(f"worker queue is full ({self.max_waiting} waiting)", retry_after_ms=500)
+        loop = asyncio.get_running_loop()
+        seq = Sequence(
+            request=request,
+            loop=loop,
+            out=asyncio.Queue(),
+            detok=IncrementalDetokenizer(self.model.piece),
+            stops=StopMatcher(request.sampling.stop),
+        )
+        self._inbox.put(seq)
+        done = False
+        try:
+            while True:
+                item = await seq.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish is not None:
+                    done = True
+                    return
+        finally:
+            if not done:
+                seq.cancelled.set()  # the engine thread frees the sequence at its next step
+
+    def load(self) -> EngineLoad:
+        running = len(self._running)
+        n_ctx = self.info.context_length * self.info.capacity
+        return EngineLoad(
+            running=running,
+            waiting=len(self._waiting) + self._inbox.qsize(),
+            capacity=self.info.capacity,
+            kv_used=self._kv_used,
+            kv_free=max(n_ctx - self._kv_used, 0),
+            prompt_tokens_total=self._prompt_total,
+            cached_tokens_total=0,
+            evictions_total=0,
+        )
+
+    async def flush_cache(self) -> int:
+        return 0  # no prefix cache yet: nothing is kept after a sequence ends
+
+    # ---------------------------------------------------------- engine thread
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._drain_inbox(block=not self._running and not self._waiting)
+                self._reap()
+                self._admit()
+                if self._running:
+                    self._step()
+            except Exception as exc:  # noqa: BLE001 - keep serving, fail the affected sequences
+                log.exception("engine step failed")
+                for seq in self._running:
+                    seq.emit(Unavailable(f"engine failure: {exc}"))
+                    self._release(seq)
+                self._running.clear()
+        for seq in [*self._running, *self._waiting]:
+            seq.emit(Unavailable("worker is shutting down"))
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            if block:
+                self._waiting.append(self._inbox.get(timeout=0.05))
+            while True:
+                self._waiting.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+
+    def _reap(self) -> None:
+        """Drop cancelled sequences (waiting or running) and free their cells."""
+        for seq in [s for s in self._waiting if s.cancelled.is_set()]:
+            self._waiting.remove(seq)
+        for seq in [s for s in self._running if s.cancelled.is_set() or s.finished]:
+            self._running.remove(seq)
+            self._release(seq)
+
+    def _admit(self) -> None:
+        while self._waiting and self._free_ids:
+            seq = self._waiting.popleft()
+            seq.seq_id = self._free_ids.pop()
+            seq.sampler = build_sampler(seq.request.sampling)
+            self._prompt_total += len(seq.prompt)
+            self._running.append(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.seq_id >= 0:
+            llama_cpp.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
+            self._kv_used -= seq.n_past
+            self._free_ids.append(seq.seq_id)
+            seq.seq_id = -1
+        free_sampler(seq.sampler)
+        seq.sampler = None
+        if not seq.finished:
+            seq.finish(Finish.CANCELLED, (), "")
+
+    def _step(self) -> None:
+        """One llama_decode over every running sequence."""
+        batch, n = self._batch, 0
+        sample_at: list[tuple[Sequence, int]] = []
+        budget = self.n_batch - sum(1 for s in self._running if not s.prefilling)
+        for seq in self._running:
+            if seq.prefilling:
+                take = min(len(seq.prompt) - seq.n_past, max(budget, 0))
+                if take <= 0:
+                    continue
+                budget -= take
+                tokens = seq.prompt[seq.n_past : seq.n_past + take]
+                last_chunk = seq.n_past + take == len(seq.prompt)
+            else:
+                tokens, last_chunk = (seq.last_token,), True
+            for j, tok in enumerate(tokens):
+                batch.token[n] = tok
+                batch.pos[n] = seq.n_past + j
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq.seq_id
+                batch.logits[n] = last_chunk and j == len(tokens) - 1
+                n += 1
+            seq.n_past += len(tokens)
+            self._kv_used += len(tokens)
+            if last_chunk:
+                sample_at.append((seq, n - 1))
+        if n == 0:
+            return
+        batch.n_tokens = n
+        rc = llama_cpp.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        for seq, idx in sample_at:
+            if seq.cancelled.is_set():
+                continue
+            token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, idx)
+            seq.accept(token, self.model.is_eog, self.info.context_length)

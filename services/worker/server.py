@@ -1,0 +1,54 @@
+"""Worker server assembly."""
+
+from __future__ import annotations
+
+from llmfabric.models.catalog import default_model
+from llmfabric.runtime.server import ServiceHost
+from llmfabric.worker.v1 import worker_pb2_grpc
+
+from .config import WorkerConfig
+from .embedded import EmbeddedEngine
+from .engine import Engine, EngineKind
+from .servicer import SERVICE_NAME, WorkerServicer
+
+
+def create_engine(cfg: WorkerConfig) -> Engine:
+    """The engine the config names."""
+    kind = EngineKind(cfg.engine)
+    if kind is EngineKind.EMBEDDED:
+        return EmbeddedEngine(
+            default_model(cfg.model_name or None),
+            context_length=cfg.context_length,
+            capacity=cfg.capacity,
+            max_waiting=cfg.max_waiting,
+            n_batch=cfg.n_batch,
+            n_threads=cfg.n_threads,
+            n_threads_batch=cfg.n_threads_batch,
+        )
+    raise ValueError(f"unsupported engine {kind}")
+
+
+class WorkerService:
+    """The host, the engine and the servicer."""
+
+    def __init__(self, cfg: WorkerConfig, engine: Engine | None = None) -> None:
+        self.cfg = cfg
+        self.engine = engine or create_engine(cfg)
+        self.host = ServiceHost("worker", cfg)
+        self.servicer = WorkerServicer(self.engine, cfg.worker_id)
+        self.host.add(SERVICE_NAME, worker_pb2_grpc.add_WorkerServiceServicer_to_server, self.servicer)
+
+    async def load(self) -> None:
+        await self.engine.start()
+        if not self.servicer.worker_id:
+            self.servicer.worker_id = f"worker-{self.host.port}"
+
+    async def close(self) -> None:
+        await self.engine.stop()
+
+
+async def create_server(cfg: WorkerConfig, engine: Engine | None = None) -> tuple[WorkerService, int]:
+    """Start serving (NOT_SERVING until ``load`` finishes); returns the port."""
+    svc = WorkerService(cfg, engine)
+    port = await svc.host.start()
+    return svc, port

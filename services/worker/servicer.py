@@ -1,0 +1,61 @@
+"""gRPC methods of llmfabric.worker.v1.WorkerService."""
+
+from __future__ import annotations
+
+import logging
+
+from llmfabric.convert import chunk_to_pb, request_from_pb
+from llmfabric.runtime.errors import InvalidArgument
+from llmfabric.worker.v1 import worker_pb2, worker_pb2_grpc
+
+from .engine import Engine
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, engine: Engine, worker_id: str) -> None:
+        self.engine = engine
+        self.worker_id = worker_id
+
+    async def Generate(self, request, context):
+        req = request_from_pb(request.request)
+        if not req.prompt_token_ids:
+            raise InvalidArgument("request.prompt_token_ids", "must not be empty")
+        if req.sampling.max_tokens < 1:
+            raise InvalidArgument("request.sampling.max_tokens", "must be at least 1")
+        if len(req.prompt_token_ids) + req.sampling.max_tokens > self.engine.info.context_length:
+            raise InvalidArgument(
+                "request.sampling.max_tokens",
+                f"prompt + max_tokens exceeds this worker's context of {self.engine.info.context_length}",
+            )
+        async for chunk in self.engine.generate(req):
+            yield worker_pb2.GenerateResponse(chunk=chunk_to_pb(chunk))
+
+    async def GetLoad(self, request, context):
+        ld = self.engine.load()
+        return worker_pb2.GetLoadResponse(
+            running=ld.running,
+            waiting=ld.waiting,
+            capacity=ld.capacity,
+            kv_used=ld.kv_used,
+            kv_free=ld.kv_free,
+            prompt_tokens_total=ld.prompt_tokens_total,
+            cached_tokens_total=ld.cached_tokens_total,
+            evictions_total=ld.evictions_total,
+        )
+
+    async def GetInfo(self, request, context):
+        info = self.engine.info
+        return worker_pb2.GetInfoResponse(
+            worker_id=self.worker_id,
+            model=info.model,
+            engine=info.kind.value,
+            context_length=info.context_length,
+            capacity=info.capacity,
+        )
+
+    async def FlushCache(self, request, context):
+        return worker_pb2.FlushCacheResponse(tokens_flushed=await self.engine.flush_cache())
