@@ -105,9 +105,11 @@ async def serve_until_signalled(
     host: ServiceHost,
     ready: Callable[[], Awaitable[None]] | None = None,
     shutdown: Callable[[], Awaitable[None]] | None = None,
+    drain_also: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Start ``host``, run ``ready`` (load models...) then mark it SERVING;
-    on SIGTERM/SIGINT drain and run ``shutdown``."""
+    on SIGTERM/SIGINT drain (``drain_also`` runs alongside, e.g. an HTTP
+    server's own graceful stop) and then run ``shutdown``."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -127,7 +129,7 @@ async def serve_until_signalled(
             await stop.wait()
         log.info("signal received")
     finally:
-        await host.drain()
+        await asyncio.gather(host.drain(), *([drain_also()] if drain_also is not None else []))
         if shutdown is not None:
             await shutdown()
 

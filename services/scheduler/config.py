@@ -11,7 +11,7 @@ from .router import RoutingPolicy
 PREFIX = "LLMFABRIC_SCHEDULER_"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class SchedulerConfig(ServerSettings):
     """Settings of the scheduler."""
 

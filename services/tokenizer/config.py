@@ -9,7 +9,7 @@ from llmfabric.runtime.config import ConfigError, ServerSettings, setting
 PREFIX = "LLMFABRIC_TOKENIZER_"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class TokenizerConfig(ServerSettings):
     """Settings of the tokenizer service."""
 

@@ -11,7 +11,7 @@ from .engine import EngineKind
 PREFIX = "LLMFABRIC_WORKER_"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerConfig(ServerSettings):
     """Settings of one inference worker."""
 

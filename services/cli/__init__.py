@@ -1,0 +1,1 @@
+"""The `llmfabric` command: up, status, chat."""

@@ -1,0 +1,127 @@
+"""``llmfabric``: run and talk to the fabric.
+
+  llmfabric up [--workers N] [--routing P] [--port 8080] [--admin-port 9901]
+  llmfabric status [--state-dir .llmfabric] [--edge 127.0.0.1:8080]
+  llmfabric chat "question" [--edge 127.0.0.1:8080] [--max-tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import pathlib
+import signal
+import sys
+
+from .stack import Stack, StackOptions
+
+
+def _up(args: argparse.Namespace) -> int:
+    opts = StackOptions(
+        workers=args.workers, routing=args.routing, host=args.host, edge_port=args.port, admin_port=args.admin_port,
+        context_length=args.context_length, capacity=args.capacity, state_dir=pathlib.Path(args.state_dir),
+        log_level=args.log_level,
+    )
+    stack = Stack(opts)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"starting llmfabric ({opts.workers} worker(s), routing={opts.routing}); logs in {stack.state_dir / 'logs'}")
+        start = asyncio.ensure_future(stack.start())
+        waiter = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({start, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if start not in done:
+            start.cancel()
+            print("interrupted during start; stopping")
+            return
+        start.result()
+        print(_banner(opts, stack))
+        sys.stdout.flush()
+        while not stop.is_set():
+            await asyncio.sleep(0.5)
+            dead = [s.name for s in stack.services if s.child and not s.child.alive]
+            if dead:
+                print(f"service(s) exited: {', '.join(dead)}; see {stack.state_dir / 'logs'}; stopping", file=sys.stderr)
+                raise SystemExit(1)
+
+    try:
+        asyncio.run(run())
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"llmfabric up failed: {exc}", file=sys.stderr)
+        return 1
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        print("stopping llmfabric ...")
+        stack.stop()
+        print("stopped")
+    return 0
+
+
+def _banner(opts: StackOptions, stack: Stack) -> str:
+    edge = f"{opts.host}:{opts.edge_port}"
+    lines = ["", "llmfabric is up", ""]
+    for s in stack.services:
+        extra = f"  http {s.http}" if s.http else ""
+        lines.append(f"  {s.name:<10} grpc {s.grpc:<21} metrics {s.metrics}{extra}")
+    lines += [
+        "",
+        f"  edge (gRPC, REST+SSE, OpenAI): http://{edge}    envoy admin: http://{opts.host}:{opts.admin_port}",
+        "",
+        "try:",
+        f"  curl -N http://{edge}/v1/chat/completions -H 'content-type: application/json' \\",
+        "    -d '{\"model\":\"smollm2-135m-instruct\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"Hello!\"}]}'",
+        f"  curl -N http://{edge}/api/v1/chat:stream -H 'content-type: application/json' \\",
+        "    -d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hello!\"}]}'",
+        f"  grpcurl -plaintext -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}' {edge} "
+        "llmfabric.inference.v1.InferenceService/ChatStream",
+        f"  .venv/bin/llmfabric chat --edge {edge} \"Hello!\"",
+        "",
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmfabric", description="LLM serving fabric")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", help="run the whole stack on this machine (Ctrl-C stops it)")
+    up.add_argument("--workers", type=int, default=1, help="embedded workers (default 1)")
+    up.add_argument("--routing", default="least_load", choices=["round_robin", "least_load"], help="scheduler routing")
+    up.add_argument("--host", default="127.0.0.1", help="address every listener binds")
+    up.add_argument("--port", type=int, default=8080, help="edge port: gRPC, REST/SSE and OpenAI HTTP (default 8080)")
+    up.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (default 9901)")
+    up.add_argument("--context-length", type=int, default=2048, help="tokens per request (default 2048)")
+    up.add_argument("--capacity", type=int, default=4, help="sequences per worker batch (default 4)")
+    up.add_argument("--state-dir", default=".llmfabric", help="logs, envoy.yaml, stack.json")
+    up.add_argument("--log-level", default="info")
+
+    st = sub.add_parser("status", help="health of every service; non-zero exit unless all SERVING")
+    st.add_argument("--state-dir", default=".llmfabric")
+    st.add_argument("--edge", default="", help="check only this edge host:port")
+
+    ch = sub.add_parser("chat", help="stream an answer to the terminal")
+    ch.add_argument("prompt", nargs="+")
+    ch.add_argument("--edge", default="127.0.0.1:8080")
+    ch.add_argument("--system", default="You are a helpful assistant.")
+    ch.add_argument("--max-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=None)
+
+    args = parser.parse_args(argv)
+    if args.cmd == "up":
+        return _up(args)
+    if args.cmd == "status":
+        from .status import run_status
+
+        return asyncio.run(run_status(pathlib.Path(args.state_dir), args.edge))
+    from .chat import run_chat
+
+    return asyncio.run(run_chat(args.edge, " ".join(args.prompt), args.system, args.max_tokens, args.temperature))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

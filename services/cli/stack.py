@@ -1,0 +1,189 @@
+"""The local stack: tokenizer, N workers, scheduler, frontend and the Envoy
+edge as processes on loopback. Used by ``llmfabric up`` and by the
+integration tests (so both run exactly the same thing)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import pathlib
+import random
+import sys
+import time
+import urllib.request
+
+from llmfabric.gateway.edge import EdgeConfig, envoy_command, render_bootstrap, validate_config
+from llmfabric.runtime.health import check
+
+from .processes import Child, free_port, stop_all
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+DESCRIPTOR = ROOT / "build" / "llmfabric.pb"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StackOptions:
+    """What ``llmfabric up`` runs."""
+
+    workers: int = 1  # embedded workers
+    routing: str = "least_load"  # scheduler routing policy
+    host: str = "127.0.0.1"  # every listener binds here
+    edge_port: int = 8080  # Envoy: gRPC, REST/SSE and OpenAI HTTP
+    admin_port: int = 9901  # Envoy admin
+    context_length: int = 2048  # per request (tokenizer and workers)
+    capacity: int = 4  # sequences per worker batch
+    state_dir: pathlib.Path = pathlib.Path(".llmfabric")  # logs, envoy.yaml, stack.json
+    log_level: str = "info"  # services' log level
+    drain_seconds: float = 10.0  # graceful stop budget per service
+
+
+@dataclasses.dataclass(slots=True)
+class Service:
+    """One planned service: its process and where it listens."""
+
+    name: str  # tokenizer, worker-0, scheduler, frontend, edge
+    kind: str  # module/role
+    grpc: str  # host:port of its gRPC server (health lives there)
+    metrics: str = ""  # host:port of /metrics
+    http: str = ""  # extra HTTP listener (frontend OpenAI API, Envoy admin)
+    child: Child | None = None  # the process
+
+
+class Stack:
+    """Plans ports, starts every process in dependency order, waits for
+    SERVING, records endpoints in ``state_dir/stack.json``, stops cleanly."""
+
+    def __init__(self, opts: StackOptions) -> None:
+        self.opts = opts
+        self.services: list[Service] = []
+        self.state_dir = opts.state_dir.resolve()
+
+    # ------------------------------------------------------------ planning
+    def _svc(self, name: str, module: str, args: list[str], env_prefix: str, extra_env: dict[str, str]) -> Service:
+        h = self.opts.host
+        port, mport = free_port(h), free_port(h)
+        env = {
+            f"{env_prefix}HOST": h, f"{env_prefix}PORT": str(port), f"{env_prefix}METRICS_PORT": str(mport),
+            f"{env_prefix}LOG_LEVEL": self.opts.log_level, f"{env_prefix}DRAIN_SECONDS": str(self.opts.drain_seconds),
+            **extra_env,
+        }
+        argv = [sys.executable, "-m", f"llmfabric.{module}", *args]
+        svc = Service(name, module, f"{h}:{port}", metrics=f"{h}:{mport}")
+        svc.child = Child(name, argv, self.state_dir / "logs" / f"{name}.log", env=env)
+        return svc
+
+    def plan(self) -> None:
+        o = self.opts
+        ctx = str(o.context_length)
+        tok = self._svc("tokenizer", "tokenizer", [], "LLMFABRIC_TOKENIZER_", {"LLMFABRIC_TOKENIZER_CONTEXT_LENGTH": ctx})
+        workers = [
+            self._svc(f"worker-{i}", "worker", [], "LLMFABRIC_WORKER_", {
+                "LLMFABRIC_WORKER_WORKER_ID": f"worker-{i}", "LLMFABRIC_WORKER_CONTEXT_LENGTH": ctx,
+                "LLMFABRIC_WORKER_CAPACITY": str(o.capacity),
+            })
+            for i in range(o.workers)
+        ]
+        sched = self._svc("scheduler", "scheduler", [], "LLMFABRIC_SCHEDULER_", {
+            "LLMFABRIC_SCHEDULER_WORKERS": ",".join(w.grpc for w in workers),
+            "LLMFABRIC_SCHEDULER_ROUTING": o.routing,
+        })
+        http_port = free_port(o.host)
+        front = self._svc("frontend", "frontend", [], "LLMFABRIC_FRONTEND_", {
+            "LLMFABRIC_FRONTEND_TOKENIZER": tok.grpc, "LLMFABRIC_FRONTEND_SCHEDULER": sched.grpc,
+            "LLMFABRIC_FRONTEND_HTTP_PORT": str(http_port),
+        })
+        front.http = f"{o.host}:{http_port}"
+        self.services = [tok, *workers, sched, front]
+
+    # ------------------------------------------------------------ running
+    async def start(self, timeout: float = 180.0) -> None:
+        """Start in order; each tier must be SERVING before the next starts."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if not self.services:
+            self.plan()
+        base_env = dict(os.environ)  # the user's LLMFABRIC_* tuning passes through; ours win
+        tiers = [[s for s in self.services if s.kind in ("tokenizer", "worker")],
+                 [s for s in self.services if s.kind == "scheduler"],
+                 [s for s in self.services if s.kind == "frontend"]]
+        try:
+            for tier in tiers:
+                for svc in tier:
+                    svc.child.start(base_env)  # type: ignore[union-attr]
+                await asyncio.gather(*(self._wait_serving(s, timeout) for s in tier))
+            await self._start_edge(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self._write_state()
+
+    async def _wait_serving(self, svc: Service, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        status = ""
+        while time.monotonic() < deadline:
+            if not svc.child.alive:  # type: ignore[union-attr]
+                raise RuntimeError(f"{svc.name} exited during start; last log lines:\n{svc.child.log_tail()}")  # type: ignore[union-attr]
+            status = await check(svc.grpc, timeout=1.0)
+            if status == "SERVING":
+                return
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"{svc.name} not SERVING after {timeout:.0f}s (last: {status}); log:\n{svc.child.log_tail()}")  # type: ignore[union-attr]
+
+    async def _start_edge(self, timeout: float) -> None:
+        o = self.opts
+        front = next(s for s in self.services if s.kind == "frontend")
+        fh, fp = front.grpc.rsplit(":", 1)
+        hh, hp = front.http.rsplit(":", 1)
+        cfg = EdgeConfig(
+            frontend_grpc_host=fh, frontend_grpc_port=int(fp), frontend_http_host=hh, frontend_http_port=int(hp),
+            descriptor_path=str(DESCRIPTOR), listen_host=o.host, listen_port=o.edge_port,
+            admin_host=o.host, admin_port=o.admin_port,
+        )
+        path = self.state_dir / "envoy.yaml"
+        path.write_text(render_bootstrap(cfg))
+        await asyncio.to_thread(validate_config, str(path))
+        edge = Service("edge", "envoy", f"{o.host}:{o.edge_port}", metrics=f"{o.host}:{o.admin_port}", http=f"{o.host}:{o.admin_port}")
+        edge.child = Child("edge", envoy_command(str(path), base_id=random.randint(1000, 60000)), self.state_dir / "logs" / "edge.log")
+        edge.child.start(dict(os.environ))
+        self.services.append(edge)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not edge.child.alive:
+                raise RuntimeError(f"envoy exited during start:\n{edge.child.log_tail()}")
+            if await asyncio.to_thread(_http_ok, f"http://{o.host}:{o.admin_port}/ready"):
+                if await check(edge.grpc, timeout=1.0) == "SERVING":
+                    return
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"envoy not ready after {timeout:.0f}s:\n{edge.child.log_tail()}")
+
+    def stop(self) -> None:
+        """Edge first, then frontend, scheduler, workers and tokenizer."""
+        children = [s.child for s in reversed(self.services) if s.child is not None]
+        stop_all(children, grace=self.opts.drain_seconds + 5)
+        with_state = self.state_dir / "stack.json"
+        if with_state.exists():
+            with_state.unlink()
+
+    def _write_state(self) -> None:
+        state = {
+            "edge": f"{self.opts.host}:{self.opts.edge_port}",
+            "admin": f"{self.opts.host}:{self.opts.admin_port}",
+            "services": [
+                {"name": s.name, "kind": s.kind, "grpc": s.grpc, "metrics": s.metrics, "http": s.http,
+                 "pid": s.child.proc.pid if s.child and s.child.proc else None}
+                for s in self.services
+            ],
+        }
+        (self.state_dir / "stack.json").write_text(json.dumps(state, indent=2))
+
+    def get(self, name: str) -> Service:
+        return next(s for s in self.services if s.name == name)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback admin
+            return resp.status == 200
+    except OSError:
+        return False

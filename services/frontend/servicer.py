@@ -1,0 +1,97 @@
+"""gRPC methods of the public llmfabric.inference.v1.InferenceService."""
+
+from __future__ import annotations
+
+import time
+
+from llmfabric.common.v1 import common_pb2
+from llmfabric.convert import finish_to_pb, usage_to_pb
+from llmfabric.inference.v1 import inference_pb2, inference_pb2_grpc
+from llmfabric.runtime.context import current_request_id
+from llmfabric.structs import TokenChunk
+
+from .pipeline import GenerationInput, Pipeline, collect, message_pairs
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+TENANT_HEADER = "x-tenant-id"
+
+
+def _tenant(context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == TENANT_HEADER:
+            return str(value)
+    return ""
+
+
+def _deadline(context) -> float | None:
+    left = context.time_remaining()
+    return None if left is None else time.monotonic() + left
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    def _input(self, request, context, *, prompt: str | None = None, messages=None) -> GenerationInput:
+        opts = request.options
+        return GenerationInput(
+            request_id=opts.request_id or current_request_id(),
+            model=opts.model,
+            prompt=prompt,
+            messages=messages,
+            sampling=opts.sampling,
+            tenant_id=_tenant(context),
+            priority=opts.priority,
+        )
+
+    async def Generate(self, request, context):
+        inp = self._input(request, context, prompt=request.prompt)
+        text, last = await collect(self.pipeline.run(inp, _deadline(context)))
+        return inference_pb2.GenerateResponse(
+            text=text, finish_reason=finish_to_pb(last.finish), usage=usage_to_pb(last.usage),
+            model=self._model(inp), request_id=inp.request_id,
+        )
+
+    async def GenerateStream(self, request, context):
+        inp = self._input(request, context, prompt=request.prompt)
+        async for chunk, n in self._chunks(inp, context):
+            yield inference_pb2.GenerateStreamResponse(text=chunk.text, token_count=n, **self._tail(inp, chunk))
+
+    async def Chat(self, request, context):
+        inp = self._input(request, context, messages=message_pairs(request.messages))
+        text, last = await collect(self.pipeline.run(inp, _deadline(context)))
+        return inference_pb2.ChatResponse(
+            message=common_pb2.ChatMessage(role="assistant", content=text),
+            finish_reason=finish_to_pb(last.finish), usage=usage_to_pb(last.usage),
+            model=self._model(inp), request_id=inp.request_id,
+        )
+
+    async def ChatStream(self, request, context):
+        inp = self._input(request, context, messages=message_pairs(request.messages))
+        async for chunk, n in self._chunks(inp, context):
+            yield inference_pb2.ChatStreamResponse(delta=chunk.text, token_count=n, **self._tail(inp, chunk))
+
+    async def ListModels(self, request, context):
+        return inference_pb2.ListModelsResponse(
+            models=[inference_pb2.Model(name=m.name, context_length=m.context_length, owned_by="llmfabric") for m in self.pipeline.models]
+        )
+
+    async def _chunks(self, inp: GenerationInput, context):
+        """(chunk, token count) worth sending: empty intermediate chunks (a
+        partial UTF-8 character has no text yet) are merged into the next."""
+        pending = 0
+        async for chunk in self.pipeline.run(inp, _deadline(context)):
+            pending += len(chunk.token_ids)
+            if chunk.text or chunk.finish is not None:
+                yield chunk, pending
+                pending = 0
+
+    def _tail(self, inp: GenerationInput, chunk: TokenChunk) -> dict:
+        out: dict = {"model": self._model(inp), "request_id": inp.request_id}
+        if chunk.finish is not None:
+            out["finish_reason"] = finish_to_pb(chunk.finish)
+            out["usage"] = usage_to_pb(chunk.usage)
+        return out
+
+    def _model(self, inp: GenerationInput) -> str:
+        return self.pipeline.models[0].name if self.pipeline.models else inp.model
