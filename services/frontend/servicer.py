@@ -8,7 +8,8 @@ from llmfabric.common.v1 import common_pb2
 from llmfabric.convert import finish_to_pb, usage_to_pb
 from llmfabric.inference.v1 import inference_pb2, inference_pb2_grpc
 from llmfabric.runtime.context import current_request_id
-from llmfabric.structs import TokenChunk
+from llmfabric.runtime.errors import FabricError
+from llmfabric.structs import Finish, TokenChunk
 
 from .pipeline import GenerationInput, Pipeline, collect, message_pairs
 
@@ -54,8 +55,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def GenerateStream(self, request, context):
         inp = self._input(request, context, prompt=request.prompt)
-        async for chunk, n in self._chunks(inp, context):
-            yield inference_pb2.GenerateStreamResponse(text=chunk.text, token_count=n, **self._tail(inp, chunk))
+        async for chunk, n, err in self._chunks(inp, context):
+            yield inference_pb2.GenerateStreamResponse(text=chunk.text, token_count=n, **self._tail(inp, chunk, err))
 
     async def Chat(self, request, context):
         inp = self._input(request, context, messages=message_pairs(request.messages))
@@ -68,8 +69,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def ChatStream(self, request, context):
         inp = self._input(request, context, messages=message_pairs(request.messages))
-        async for chunk, n in self._chunks(inp, context):
-            yield inference_pb2.ChatStreamResponse(delta=chunk.text, token_count=n, **self._tail(inp, chunk))
+        async for chunk, n, err in self._chunks(inp, context):
+            yield inference_pb2.ChatStreamResponse(delta=chunk.text, token_count=n, **self._tail(inp, chunk, err))
 
     async def ListModels(self, request, context):
         return inference_pb2.ListModelsResponse(
@@ -77,20 +78,34 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         )
 
     async def _chunks(self, inp: GenerationInput, context):
-        """(chunk, token count) worth sending: empty intermediate chunks (a
-        partial UTF-8 character has no text yet) are merged into the next."""
-        pending = 0
-        async for chunk in self.pipeline.run(inp, _deadline(context)):
-            pending += len(chunk.token_ids)
-            if chunk.text or chunk.finish is not None:
-                yield chunk, pending
-                pending = 0
+        """(chunk, token count, error) worth sending: empty intermediate chunks (a
+        partial UTF-8 character has no text yet) are merged into the next.
 
-    def _tail(self, inp: GenerationInput, chunk: TokenChunk) -> dict:
+        A failure before anything was sent is the call's status (HTTP status
+        at the edge); after that it becomes a last chunk with finish reason
+        ERROR and the error's details, which REST/SSE callers can see too.
+        """
+        pending, sent = 0, False
+        try:
+            async for chunk in self.pipeline.run(inp, _deadline(context)):
+                pending += len(chunk.token_ids)
+                if chunk.text or chunk.finish is not None:
+                    sent = True
+                    yield chunk, pending, None
+                    pending = 0
+        except FabricError as err:
+            if not sent:
+                raise
+            yield TokenChunk(token_ids=(), text="", finish=Finish.ERROR), pending, err
+
+    def _tail(self, inp: GenerationInput, chunk: TokenChunk, error: FabricError | None = None) -> dict:
         out: dict = {"model": self._model(inp), "request_id": inp.request_id}
         if chunk.finish is not None:
             out["finish_reason"] = finish_to_pb(chunk.finish)
-            out["usage"] = usage_to_pb(chunk.usage)
+            if chunk.usage is not None:
+                out["usage"] = usage_to_pb(chunk.usage)
+        if error is not None:
+            out["error"] = error.info()
         return out
 
     def _model(self, inp: GenerationInput) -> str:

@@ -9,6 +9,7 @@ from llmfabric.worker.v1 import worker_pb2_grpc
 from .config import WorkerConfig
 from .embedded import EmbeddedEngine
 from .engine import Engine, EngineKind
+from .metrics import WorkerMetrics
 from .servicer import SERVICE_NAME, WorkerServicer
 
 
@@ -35,7 +36,7 @@ class WorkerService:
         self.cfg = cfg
         self.engine = engine or create_engine(cfg)
         self.host = ServiceHost("worker", cfg)
-        self.servicer = WorkerServicer(self.engine, cfg.worker_id)
+        self.servicer = WorkerServicer(self.engine, cfg.worker_id, WorkerMetrics(self.host.registry, self.engine))
         self.host.add(SERVICE_NAME, worker_pb2_grpc.add_WorkerServiceServicer_to_server, self.servicer)
 
     async def load(self) -> None:

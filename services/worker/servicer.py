@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from llmfabric.convert import chunk_to_pb, request_from_pb
 from llmfabric.runtime.errors import InvalidArgument
 from llmfabric.worker.v1 import worker_pb2, worker_pb2_grpc
 
 from .engine import Engine
+from .metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -16,9 +18,10 @@ SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, engine: Engine, worker_id: str) -> None:
+    def __init__(self, engine: Engine, worker_id: str, metrics: WorkerMetrics | None = None) -> None:
         self.engine = engine
         self.worker_id = worker_id
+        self.metrics = metrics
 
     async def Generate(self, request, context):
         req = request_from_pb(request.request)
@@ -31,8 +34,27 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 "request.sampling.max_tokens",
                 f"prompt + max_tokens exceeds this worker's context of {self.engine.info.context_length}",
             )
-        async for chunk in self.engine.generate(req):
-            yield worker_pb2.GenerateResponse(chunk=chunk_to_pb(chunk))
+        start, first, finish = time.perf_counter(), True, "cancelled"
+        try:
+            async for chunk in self.engine.generate(req):
+                if first and self.metrics is not None:
+                    self.metrics.ttft.observe(time.perf_counter() - start)
+                    first = False
+                if chunk.finish is not None:
+                    finish = chunk.finish.value
+                    if self.metrics is not None and chunk.usage is not None:
+                        self.metrics.prompt_tokens.inc(chunk.usage.prompt_tokens)
+                        self.metrics.generated_tokens.inc(chunk.usage.completion_tokens)
+                yield worker_pb2.GenerateResponse(chunk=chunk_to_pb(chunk))
+        except Exception:
+            finish = "error"
+            raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.requests.labels(finish).inc()
+                self.metrics.e2e.observe(time.perf_counter() - start)
+            if finish == "cancelled":
+                log.info("generation cancelled by the caller", extra={"request": req.request_id})
 
     async def GetLoad(self, request, context):
         ld = self.engine.load()

@@ -1,0 +1,45 @@
+"""The real stack (tokenizer, embedded worker with the real model, scheduler,
+frontend, Envoy) on loopback ports chosen at run time, shared by the
+integration tests of one session and stopped at the end."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from llmfabric.cli.processes import free_port
+from llmfabric.cli.stack import Stack, StackOptions
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Stack:
+    opts = StackOptions(
+        workers=1,
+        edge_port=free_port(),
+        admin_port=free_port(),
+        state_dir=tmp_path_factory.mktemp("stack"),
+        drain_seconds=3.0,
+        capacity=4,
+        context_length=2048,
+    )
+    st = Stack(opts)
+    asyncio.run(st.start())
+    yield st
+    st.stop()
+
+
+@pytest.fixture(scope="session")
+def edge(stack: Stack) -> str:
+    """host:port of the Envoy edge (gRPC, REST/SSE and OpenAI HTTP)."""
+    return f"{stack.opts.host}:{stack.opts.edge_port}"
+
+
+@pytest.fixture(scope="session")
+def admin(stack: Stack) -> str:
+    return f"{stack.opts.host}:{stack.opts.admin_port}"
+
+
+@pytest.fixture(scope="session")
+def worker_address(stack: Stack) -> str:
+    return stack.get("worker-0").grpc
