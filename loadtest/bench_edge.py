@@ -24,9 +24,9 @@ Summary: p50/p90 TTFT, p50 tok/s, p50 total; for B/C/D the added TTFT vs A
 (p50(X) - p50(A) in ms, and p50(X)/p50(A)) and the per-token streaming
 overhead (p50 total(X) - p50 total(A)) / completion_tokens in ms/token.
 Greedy decoding must give every path the same tokens: the run checks that the
-completion token counts (and texts) match. The prompt is identical every
-time, so the worker's prefix cache serves it for every path alike: TTFT here
-is fabric + one short prefill, not a cold prompt.
+completion token counts (and texts) match. The prompt (24 tokens) is the same
+every time, so whatever the worker's prefix cache does for it, it does for
+every path alike: TTFT = the fabric's work + one short prefill + one decode.
 
 DESIGN.md bars (measured with a zero-cost engine, which this is not): the
 full path adds <= 2 ms p50 at concurrency 1 and <= 0.2 ms per streamed token.

@@ -41,14 +41,14 @@ class FrontendService:
         await self.start_http()
         await self.pipeline.connect()
 
-    async def drain_http(self) -> None:
+    async def drain_also(self) -> None:
         """Stop accepting HTTP and let in-flight requests finish (drain_seconds)."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
 
     async def close(self) -> None:
-        await self.drain_http()
+        await self.drain_also()
         await self.pipeline.close()
 
 

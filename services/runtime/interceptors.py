@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -44,33 +45,39 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: RpcMetrics | None = None) -> None:
         self.metrics = metrics
 
+    @contextlib.asynccontextmanager
+    async def _scope(self, method: str, metadata, context: grpc.aio.ServicerContext):
+        """Request id in, error mapped out, outcome counted."""
+        # each RPC runs in its own task and context: no reset needed
+        request_id_var.set(request_id_from_metadata(metadata))
+        start, code = time.perf_counter(), "OK"
+        try:
+            yield
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:  # the handler aborted with its own status
+            code = "ABORTED_BY_HANDLER"
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped here, once for every service
+            err = _map_exception(exc, method)
+            code = err.code.name
+            await _abort(context, err)
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe(method, code, time.perf_counter() - start)
+
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or details.method.startswith(_SILENT_METHODS):
             return handler
-        method = details.method
-        metadata = details.invocation_metadata
+        method, metadata = details.method, details.invocation_metadata
         if handler.unary_unary:
             inner = handler.unary_unary
 
             async def unary(request, context):
-                # each RPC runs in its own task and context: no reset needed
-                request_id_var.set(request_id_from_metadata(metadata))
-                start, code = time.perf_counter(), "OK"
-                try:
+                async with self._scope(method, metadata, context):
                     return await inner(request, context)
-                except asyncio.CancelledError:
-                    code = "CANCELLED"
-                    raise
-                except grpc.aio.AbortError:
-                    code = "ABORTED_BY_HANDLER"
-                    raise
-                except Exception as exc:  # noqa: BLE001 - mapped below
-                    err = _map_exception(exc, method)
-                    code = err.code.name
-                    await _abort(context, err)
-                finally:
-                    self._observe(method, code, start)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
@@ -79,30 +86,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def stream(request, context):
-                # each RPC runs in its own task and context: no reset needed
-                request_id_var.set(request_id_from_metadata(metadata))
-                start, code = time.perf_counter(), "OK"
-                try:
+                async with self._scope(method, metadata, context):
                     async for item in inner_stream(request, context):
                         yield item
-                except asyncio.CancelledError:
-                    code = "CANCELLED"
-                    raise
-                except grpc.aio.AbortError:
-                    code = "ABORTED_BY_HANDLER"
-                    raise
-                except Exception as exc:  # noqa: BLE001 - mapped below
-                    err = _map_exception(exc, method)
-                    code = err.code.name
-                    await _abort(context, err)
-                finally:
-                    self._observe(method, code, start)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
             )
         return handler
-
-    def _observe(self, method: str, code: str, start: float) -> None:
-        if self.metrics is not None:
-            self.metrics.observe(method, code, time.perf_counter() - start)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
 
 from .config import ConfigError, load_config
+from .server import ServiceHost, run_service, serve_until_signalled
 
 T = TypeVar("T")
 
@@ -18,3 +19,27 @@ def config_or_exit(cls: type[T], prefix: str, argv: Sequence[str]) -> T:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+class Service(Protocol):
+    """What a service's ``__main__`` runs: a host plus lifecycle hooks."""
+
+    host: ServiceHost
+
+    async def load(self) -> None:
+        """Load models / connect; the host turns SERVING when it returns."""
+
+    async def close(self) -> None:
+        """Release resources after the drain."""
+
+
+def service_main(name: str, cls: type[T], prefix: str, build: Callable[[T], Service], argv: Sequence[str] | None) -> None:
+    """The whole ``python -m llmfabric.<service>`` entry: config (fail fast),
+    JSON logs, serve until SIGTERM/SIGINT, drain, close."""
+    cfg = config_or_exit(cls, prefix, sys.argv[1:] if argv is None else argv)
+
+    async def run() -> None:
+        svc = build(cfg)
+        await serve_until_signalled(svc.host, ready=svc.load, shutdown=svc.close, drain_also=getattr(svc, "drain_also", None))
+
+    run_service(name, cfg, run)  # type: ignore[arg-type]

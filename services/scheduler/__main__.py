@@ -1,24 +1,15 @@
-"""``python -m llmfabric.scheduler``: run the scheduler."""
+"""``python -m llmfabric.scheduler``: run the scheduler service (``--help`` lists every setting)."""
 
 from __future__ import annotations
 
-import sys
-
-from llmfabric.runtime.server import run_service, serve_until_signalled
-from llmfabric.runtime.startup import config_or_exit
+from llmfabric.runtime.startup import service_main
 
 from .config import PREFIX, SchedulerConfig
 from .server import SchedulerService
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = config_or_exit(SchedulerConfig, PREFIX, sys.argv[1:] if argv is None else argv)
-
-    async def run() -> None:
-        svc = SchedulerService(cfg)
-        await serve_until_signalled(svc.host, ready=svc.load, shutdown=svc.close)
-
-    run_service("scheduler", cfg, run)
+    service_main("scheduler", SchedulerConfig, PREFIX, SchedulerService, argv)
 
 
 if __name__ == "__main__":

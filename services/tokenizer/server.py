@@ -35,6 +35,10 @@ class TokenizerService:
         )
         self.servicer.preparer = Preparer(spec, model, limits)
 
+    async def close(self) -> None:
+        if self.servicer.preparer is not None:
+            self.servicer.preparer.model.close()
+
 
 async def create_server(cfg: TokenizerConfig) -> tuple[TokenizerService, int]:
     """Start serving (NOT_SERVING until ``load`` finishes); returns the port."""

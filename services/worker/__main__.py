@@ -1,24 +1,15 @@
-"""``python -m llmfabric.worker``: run an inference worker."""
+"""``python -m llmfabric.worker``: run the worker service (``--help`` lists every setting)."""
 
 from __future__ import annotations
 
-import sys
-
-from llmfabric.runtime.server import run_service, serve_until_signalled
-from llmfabric.runtime.startup import config_or_exit
+from llmfabric.runtime.startup import service_main
 
 from .config import PREFIX, WorkerConfig
 from .server import WorkerService
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = config_or_exit(WorkerConfig, PREFIX, sys.argv[1:] if argv is None else argv)
-
-    async def run() -> None:
-        svc = WorkerService(cfg)
-        await serve_until_signalled(svc.host, ready=svc.load, shutdown=svc.close)
-
-    run_service("worker", cfg, run)
+    service_main("worker", WorkerConfig, PREFIX, WorkerService, argv)
 
 
 if __name__ == "__main__":
