@@ -111,6 +111,9 @@ class OpenAIApi:
         except FabricError as err:
             log.info("request rejected", extra={"code": err.code.name, "reason": err.message})
             return error_response(err)
+        except Exception:  # noqa: BLE001 - never a bare 500 page: an OpenAI error body
+            log.exception("unhandled error in the OpenAI API")
+            return error_response(FabricError(f"internal error; see server logs (request id {rid})"))
         created = int(time.time())
         choice: dict = {"index": 0, "finish_reason": _finish(last), "logprobs": None}
         if chat:
@@ -132,7 +135,9 @@ class OpenAIApi:
     async def _stream(self, request: web.Request, parsed: OpenAIRequest, chat: bool) -> web.StreamResponse:
         chunks = self.pipeline.run(parsed.input)
         # Validate before committing to a 200: the first chunk (or error) decides.
-        first = await anext(chunks)
+        first = await anext(chunks, None)
+        if first is None:
+            raise FabricError("the answer stream ended before it started")
         rid = parsed.input.request_id
         resp = web.StreamResponse(
             headers={

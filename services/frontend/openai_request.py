@@ -36,11 +36,26 @@ def _number(body: dict, key: str, *, integer: bool = False) -> float | int | Non
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidArgument(key, f"must be a number, got {type(value).__name__}")
-    if integer and (not isinstance(value, int) and not float(value).is_integer()):
-        raise InvalidArgument(key, f"must be an integer, got {value}")
-    if not math.isfinite(value):
+    if integer and isinstance(value, int):
+        return value  # arbitrary size: the callers check ranges
+    try:
+        number = float(value)
+    except OverflowError:
+        raise InvalidArgument(key, "is out of range") from None
+    if not math.isfinite(number):
         raise InvalidArgument(key, "must be finite")
-    return int(value) if integer else float(value)
+    if integer and not number.is_integer():
+        raise InvalidArgument(key, f"must be an integer, got {value}")
+    return int(number) if integer else number
+
+
+def _text(field: str, value: str) -> str:
+    """JSON can carry lone surrogates ("\\ud800"), which are not UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(field, "is not valid UTF-8 (lone surrogate)") from None
+    return value
 
 
 def _stop(body: dict) -> list[str]:
@@ -48,20 +63,19 @@ def _stop(body: dict) -> list[str]:
     if stop is None:
         return []
     if isinstance(stop, str):
-        return [stop]
+        return [_text("stop", stop)]
     if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        return stop
+        return [_text(f"stop[{i}]", s) for i, s in enumerate(stop)]
     raise InvalidArgument("stop", "must be a string or a list of strings")
 
 
 def _sampling(body: dict) -> common_pb2.SamplingParams:
     sp = common_pb2.SamplingParams(stop=_stop(body))
-    max_tokens = _number(body, "max_completion_tokens", integer=True)
-    if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", integer=True)
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, key, integer=True)
     if max_tokens is not None:
         if not -(2**31) <= max_tokens < 2**31:
-            raise InvalidArgument("max_tokens", f"is out of range: {max_tokens}")
+            raise InvalidArgument(key, f"is out of range: {max_tokens}")
         sp.max_tokens = max_tokens
     for key in ("temperature", "top_p", "repetition_penalty"):
         value = _number(body, key)
@@ -83,27 +97,31 @@ def _sampling(body: dict) -> common_pb2.SamplingParams:
 
 
 def _common_checks(body: dict) -> tuple[bool, bool]:
-    n = body.get("n", 1)
-    if n != 1:
+    n = body.get("n")
+    if n is not None and n != 1:
         raise InvalidArgument("n", "only n=1 is supported")
-    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
+    if body.get("logprobs") not in (None, False, 0):
         raise InvalidArgument("logprobs", "logprobs are not supported")
-    stream = body.get("stream", False)
+    if body.get("top_logprobs") not in (None, 0):
+        raise InvalidArgument("top_logprobs", "logprobs are not supported")
+    stream = body.get("stream")
+    stream = False if stream is None else stream
     if not isinstance(stream, bool):
         raise InvalidArgument("stream", "must be a boolean")
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise InvalidArgument("stream_options", "must be an object")
-    model = body.get("model", "")
+    model = body.get("model") or ""
     if not isinstance(model, str):
         raise InvalidArgument("model", "must be a string")
+    _text("model", model)
     return stream, bool(opts.get("include_usage", False))
 
 
 def _content(i: int, content: Any) -> str:
     """Message content: a string or a list of text parts."""
     if isinstance(content, str):
-        return content
+        return _text(f"messages[{i}].content", content)
     if content is None:
         return ""
     if isinstance(content, list):
@@ -111,7 +129,7 @@ def _content(i: int, content: Any) -> str:
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise InvalidArgument(f"messages[{i}].content[{j}]", "only text parts are supported")
-            parts.append(part["text"])
+            parts.append(_text(f"messages[{i}].content[{j}].text", part["text"]))
         return "".join(parts)
     raise InvalidArgument(f"messages[{i}].content", "must be a string or a list of text parts")
 
@@ -134,7 +152,7 @@ def parse_chat(body: Any, request_id: str, tenant_id: str = "", priority: int = 
             raise InvalidArgument(f"messages[{i}].role", "must be a string")
         pairs.append((role, _content(i, m.get("content"))))
     inp = GenerationInput(
-        request_id=request_id, model=body.get("model", ""), prompt=None, messages=tuple(pairs),
+        request_id=request_id, model=body.get("model") or "", prompt=None, messages=tuple(pairs),
         sampling=_sampling(body), tenant_id=tenant_id, priority=priority,
     )
     return OpenAIRequest(inp, stream, include_usage)
@@ -153,8 +171,9 @@ def parse_completion(body: Any, request_id: str, tenant_id: str = "", priority: 
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise InvalidArgument("prompt", "must be a string (or a list holding one string)")
+    _text("prompt", prompt)
     inp = GenerationInput(
-        request_id=request_id, model=body.get("model", ""), prompt=prompt, messages=None,
+        request_id=request_id, model=body.get("model") or "", prompt=prompt, messages=None,
         sampling=_sampling(body), tenant_id=tenant_id, priority=priority,
     )
     return OpenAIRequest(inp, stream, include_usage)

@@ -27,7 +27,7 @@ class ModelSpec:
     def matches(self, requested: str) -> bool:
         """Whether ``requested`` ("" = default) names this model."""
         req = requested.strip().lower()
-        return req == "" or req == self.name or req in self.aliases
+        return req == "" or req == self.name.lower() or req in (a.lower() for a in self.aliases)
 
 
 class ModelNotInstalled(FileNotFoundError):

@@ -47,15 +47,23 @@ class ChatTemplate:
         self.eos_token = eos_token
 
     def render(self, messages: Sequence[tuple[str, str]], add_generation_prompt: bool = True) -> list[Segment]:
-        """Segments of the prompt for ``messages`` ((role, content) pairs)."""
+        """Segments of the prompt for ``messages`` ((role, content) pairs).
+
+        Each message's content is rendered through a unique placeholder so it
+        can be tokenized as plain text. If the result differs from the
+        template's real rendering (a template that transforms content, e.g.
+        ``| trim``), the real rendering is returned as one special segment and
+        ``exact`` is False: the caller must then refuse content that contains
+        control-token text.
+        """
         marks = [f"\x00{secrets.token_hex(8)}\x00" for _ in messages]
         rendered = self._render([{"role": r, "content": m} for (r, _), m in zip(messages, marks)], add_generation_prompt)
         segments: list[Segment] = []
         rest = rendered
         for mark, (_, content) in zip(marks, messages):
             head, found, tail = rest.partition(mark)
-            if not found:  # the template dropped or altered the content: fall back to plain text
-                return self._plain(messages, add_generation_prompt)
+            if not found:  # the template dropped this message (e.g. no system role)
+                continue
             if head:
                 segments.append(Segment(head, True))
             if content:
@@ -63,11 +71,10 @@ class ChatTemplate:
             rest = tail
         if rest:
             segments.append(Segment(rest, True))
+        real = self._render([{"role": r, "content": c} for r, c in messages], add_generation_prompt)
+        if "".join(seg.text for seg in segments) != real:
+            return [Segment(real, True)]
         return segments
-
-    def _plain(self, messages: Sequence[tuple[str, str]], add_generation_prompt: bool) -> list[Segment]:
-        text = self._render([{"role": r, "content": c} for r, c in messages], add_generation_prompt)
-        return [Segment(text, True)]
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         try:

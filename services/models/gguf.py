@@ -58,6 +58,13 @@ class GgufModel:
         self.eog_ids = tuple(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
         self._eog = frozenset(self.eog_ids)
         self._pieces: dict[int, bytes] = {}
+        special = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+        # texts that parse_special=True would turn into control tokens ("<|im_start|>", ...)
+        self.special_texts = frozenset(
+            text
+            for t in range(self.n_vocab)
+            if llama_cpp.llama_vocab_get_attr(self.vocab, t) & special and (text := self.token_text(t))
+        )
 
     def meta(self, key: str) -> str:
         """A GGUF metadata string ("" if absent)."""

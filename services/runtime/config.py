@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from collections.abc import Mapping, Sequence
@@ -55,7 +56,10 @@ def _parse(raw: str, typ: Any, where: str) -> Any:
         if typ is int:
             return int(raw)
         if typ is float:
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError("must be a finite number")
+            return value
         if typing.get_origin(typ) is tuple:
             return tuple(part.strip() for part in raw.split(",") if part.strip())
         return raw

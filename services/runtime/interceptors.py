@@ -14,10 +14,14 @@ import contextlib
 import logging
 import time
 
+from collections.abc import Callable
+from typing import Any
+
 import grpc
+from google.protobuf.message import DecodeError
 
 from .context import request_id_from_metadata, request_id_var
-from .errors import FabricError, error_from_rpc, trailers_for
+from .errors import FabricError, InvalidArgument, error_from_rpc, trailers_for
 from .metrics import RpcMetrics
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,34 @@ async def _abort(context: grpc.aio.ServicerContext, err: FabricError) -> None:
     await context.abort(err.code, err.message)
 
 
+class _Undecodable:
+    """A request whose bytes did not parse (e.g. a string field with bad UTF-8)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """Let a parse failure reach the handler scope, where it becomes
+    INVALID_ARGUMENT instead of gRPC's UNKNOWN."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return _Undecodable(exc)
+
+    return parse
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument("request", f"could not be decoded: {request.error}")
+    return request
+
+
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Wraps unary-unary and unary-stream handlers (the shapes we serve)."""
 
@@ -57,7 +89,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             code = "CANCELLED"
             raise
         except grpc.aio.AbortError:  # the handler aborted with its own status
-            code = "ABORTED_BY_HANDLER"
+            status = context.code()
+            code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
             raise
         except Exception as exc:  # noqa: BLE001 - mapped here, once for every service
             err = _map_exception(exc, method)
@@ -77,20 +110,22 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request, context):
                 async with self._scope(method, metadata, context):
-                    return await inner(request, context)
+                    return await inner(_decoded(request), context)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+                unary, request_deserializer=_lenient(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             inner_stream = handler.unary_stream
 
             async def stream(request, context):
                 async with self._scope(method, metadata, context):
-                    async for item in inner_stream(request, context):
+                    async for item in inner_stream(_decoded(request), context):
                         yield item
 
             return grpc.unary_stream_rpc_method_handler(
-                stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+                stream, request_deserializer=_lenient(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
             )
         return handler

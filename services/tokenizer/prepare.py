@@ -46,9 +46,22 @@ class Preparer:
         bos = self.template.bos_token
         if self.model.add_bos and not (bos and segments and segments[0].text.startswith(bos)):
             ids.append(self.model.bos_id)
+        if not any(self._has_special_text(content) for _, content in msgs):
+            # the common case: tokenize the rendered prompt in one piece, exactly
+            # as the model saw its training data (no split at content edges)
+            return ids + self.model.tokenize("".join(seg.text for seg in segments), add_special=False, parse_special=True)
+        if all(seg.special for seg in segments):
+            raise InvalidArgument(
+                "messages",
+                "contains control-token text (such as <|im_start|>) that this model's chat template cannot keep as plain text",
+            )
+        # a message contains control-token text: tokenize it as plain text (no injection)
         for seg in segments:
             ids += self.model.tokenize(seg.text, add_special=False, parse_special=seg.special)
         return ids
+
+    def _has_special_text(self, text: str) -> bool:
+        return any(sp in text for sp in self.model.special_texts)
 
     def prepare(
         self,

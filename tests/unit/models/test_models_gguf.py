@@ -225,7 +225,6 @@ def test_renamed_model_has_no_aliases(monkeypatch):
     assert not spec.matches("smollm2")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ModelSpec.matches lowercases the request but not self.name")
 def test_mixed_case_served_name_matches_itself():
     spec = ModelSpec(name="My-Model", path=pathlib.Path("x.gguf"))
     assert spec.matches("My-Model")

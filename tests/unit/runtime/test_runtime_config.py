@@ -334,7 +334,6 @@ def test_scheduler_rejections_name_variable(extra, needle):
     assert needle in str(exc.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: nan/inf pass SchedulerConfig.validate (asyncio.sleep(nan) never wakes the probe loop)")
 @pytest.mark.parametrize("raw", ["nan", "inf"])
 def test_scheduler_probe_interval_must_be_finite(raw):
     env = {"LLMFABRIC_SCHEDULER_WORKERS": "a:1", "LLMFABRIC_SCHEDULER_PROBE_INTERVAL": raw}
