@@ -43,8 +43,8 @@ import shutil
 import sys
 import tempfile
 import time
-from statistics import median, quantiles
 from collections.abc import AsyncIterator, Callable
+from statistics import median, quantiles
 
 import aiohttp
 import grpc
@@ -133,7 +133,7 @@ class Paths:
                 if data == b"[DONE]":
                     return
                 obj = json.loads(data)
-                if "error" in obj and obj["error"]:
+                if obj.get("error"):
                     raise RuntimeError(f"{url}: {obj['error']}")
                 yield obj
 

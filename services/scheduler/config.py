@@ -24,6 +24,10 @@ class SchedulerConfig(ServerSettings):
     def validate(self) -> None:
         if not self.workers:
             raise ConfigError(f"{PREFIX}WORKERS is required: comma-separated worker host:port addresses")
+        for addr in self.workers:
+            host, sep, port = addr.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ConfigError(f"{PREFIX}WORKERS: {addr!r} is not host:port")
         policies = [p.value for p in RoutingPolicy]
         if self.routing not in policies:
             raise ConfigError(f"{PREFIX}ROUTING={self.routing!r}: must be one of {', '.join(policies)}")

@@ -51,9 +51,15 @@ class Dispatcher:
             candidates = self.pool.available()
             if not candidates:
                 break
-            waiter = self.queue.pop()
+            waiter = self.queue.peek()
             if waiter is None:
                 break
+            if waiter.exclude:
+                others = [w for w in candidates if w not in waiter.exclude]
+                if not others and any(w not in waiter.exclude for w in self.pool.healthy()):
+                    break  # a retry waits for a slot on a different healthy worker
+                candidates = others or candidates
+            self.queue.pop()
             if waiter.future.done():
                 continue
             worker = self.router.pick(candidates, waiter.request)
@@ -68,10 +74,12 @@ class Dispatcher:
         worker.in_flight -= 1
         self._dispatch()
 
-    async def _lease(self, request: ValidatedRequest, timeout: float | None) -> WorkerHandle:
+    async def _lease(
+        self, request: ValidatedRequest, timeout: float | None, exclude: frozenset = frozenset()
+    ) -> WorkerHandle:
         if not self.pool.healthy():
             raise Unavailable("no healthy worker is available")
-        waiter = Waiter(request, asyncio.get_running_loop().create_future())
+        waiter = Waiter(request, asyncio.get_running_loop().create_future(), exclude=exclude)
         self.queue.push(waiter)
         self._dispatch()
         try:
@@ -91,8 +99,9 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         attempts = 0
+        failed: frozenset = frozenset()
         while True:
-            worker = await self._lease(request, None if deadline is None else deadline - loop.time())
+            worker = await self._lease(request, None if deadline is None else deadline - loop.time(), failed)
             started = False
             call = worker.stub.Generate(
                 worker_pb2.GenerateRequest(request=request_to_pb(request)),
@@ -115,6 +124,7 @@ class Dispatcher:
                 if started:
                     raise Unavailable(f"worker {worker.id} failed mid-stream: {err.details()}") from None
                 attempts += 1
+                failed = failed | {worker}
                 if attempts > self.max_retries:
                     raise Unavailable(f"worker {worker.id} failed before the first token: {err.details()}") from None
                 log.warning("retrying on another worker", extra={"worker": worker.id, "code": code.name})

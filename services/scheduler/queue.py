@@ -26,6 +26,7 @@ class Waiter:
     future: asyncio.Future  # resolved with the chosen worker
     enqueued_at: float = dataclasses.field(default_factory=time.monotonic)  # for wait-time metrics
     removed: bool = False  # lazily deleted from the heap
+    exclude: frozenset = frozenset()  # workers not to use (a retry avoids the one that failed)
 
 
 class RequestQueue:
@@ -46,7 +47,7 @@ class RequestQueue:
             raise ResourceExhausted(
                 f"scheduler queue is full ({self.max_waiting} requests waiting); retry later", retry_after_ms=1000
             )
-        priority = waiter.request.priority or 2  # UNSPECIFIED counts as INTERACTIVE
+        priority = waiter.request.priority if 1 <= waiter.request.priority <= 4 else 2  # UNSPECIFIED/unknown: INTERACTIVE
         heapq.heappush(self._heap, (priority, next(self._seq), waiter))
         self._size += 1
 
@@ -60,6 +61,7 @@ class RequestQueue:
         waiter = self.peek()
         if waiter is not None:
             heapq.heappop(self._heap)
+            waiter.removed = True  # a later remove() (cancel in the same turn) must not count it twice
             self._size -= 1
         return waiter
 

@@ -77,6 +77,8 @@ class Preparer:
     ) -> ValidatedRequest:
         """``sampling`` holds the client's values (None/absent = default)."""
         name = self.resolve_model(model)
+        if not 0 <= priority <= 4:
+            raise InvalidArgument("options.priority", f"unknown priority {priority}; use PRIORITY_CRITICAL..PRIORITY_BACKGROUND")
         if prompt is not None and messages is not None:
             raise InvalidArgument("input", "set either prompt or messages, not both")
         if prompt is None and messages is None:

@@ -23,12 +23,15 @@ class WorkerConfig(ServerSettings):
     max_waiting: int = setting(64, help="requests allowed to wait for a free sequence slot")
     n_batch: int = setting(512, help="tokens per llama_decode call (prefill chunk budget)")
     n_threads: int = setting(1, help="llama.cpp threads for single-token decode")
-    n_threads_batch: int = setting(2, help="llama.cpp threads for prompt processing")
+    n_threads_batch: int = setting(
+        0, help="llama.cpp threads for prompt processing (0 = auto: cores - 1, at least 1, leaving a core to the rest of the fabric)"
+    )
 
     def validate(self) -> None:
         kinds = [k.value for k in EngineKind]
         if self.engine not in kinds:
             raise ConfigError(f"{PREFIX}ENGINE={self.engine!r}: must be one of {', '.join(kinds)}")
-        for name, low in (("context_length", 16), ("capacity", 1), ("max_waiting", 0), ("n_batch", 32)):
+        for name, low in (("context_length", 16), ("capacity", 1), ("max_waiting", 0), ("n_batch", 32), ("n_threads", 1),
+                          ("n_threads_batch", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{PREFIX}{name.upper()}={getattr(self, name)}: must be at least {low}")

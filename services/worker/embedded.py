@@ -24,7 +24,7 @@ import llama_cpp
 from llmfabric.models.catalog import ModelSpec
 from llmfabric.models.detok import IncrementalDetokenizer, StopMatcher
 from llmfabric.models.gguf import GgufModel
-from llmfabric.runtime.errors import ResourceExhausted, Unavailable
+from llmfabric.runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
 from llmfabric.structs import Finish, TokenChunk, ValidatedRequest
 
 from .engine import EngineInfo, EngineKind, EngineLoad
@@ -98,6 +98,10 @@ class EmbeddedEngine:
         self._stop.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
+        self._drain_inbox(block=False)  # anything submitted while the thread was exiting
+        for seq in self._waiting:
+            seq.emit(Unavailable("worker is shutting down"))
+        self._waiting.clear()
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
@@ -111,7 +115,13 @@ class EmbeddedEngine:
     async def generate(self, request: ValidatedRequest) -> AsyncIterator[TokenChunk]:
         if self.model is None or self._stop.is_set():
             raise Unavailable("engine is not running")
-        if self._inbox.qsize() + len(self._waiting) >= self.max_waiting:
+        bad = [t for t in request.prompt_token_ids if not 0 <= t < self.model.n_vocab]
+        if bad:
+            raise InvalidArgument(
+                "request.prompt_token_ids", f"ids outside the vocabulary 0..{self.model.n_vocab - 1}: {bad[:5]}"
+            )
+        queued = self._inbox.qsize() + len(self._waiting) + 1  # with this one
+        if queued - len(self._free_ids) > self.max_waiting:
             raise ResourceExhausted(f"worker queue is full ({self.max_waiting} waiting)", retry_after_ms=500)
         loop = asyncio.get_running_loop()
         seq = Sequence(
@@ -168,6 +178,7 @@ class EmbeddedEngine:
                     seq.emit(Unavailable(f"engine failure: {exc}"))
                     self._release(seq)
                 self._running.clear()
+        self._drain_inbox(block=False)
         for seq in [*self._running, *self._waiting]:
             seq.emit(Unavailable("worker is shutting down"))
 

@@ -45,8 +45,8 @@ class Sequence:
     def accept(self, token: int, is_eog: Callable[[int], bool], context_length: int) -> None:
         """Record a sampled token, emit its text, finish when due."""
         self.last_token = token
-        if is_eog(token):
-            self.finish(Finish.STOP, (token,), "")
+        if is_eog(token):  # not part of the answer: not counted, not returned
+            self.finish(Finish.STOP, (), "")
             return
         self.generated += 1
         text = self.stops.push(self.detok.push(token))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from llmfabric.models.catalog import default_model
 from llmfabric.runtime.server import ServiceHost
 from llmfabric.worker.v1 import worker_pb2_grpc
@@ -24,7 +26,7 @@ def create_engine(cfg: WorkerConfig) -> Engine:
             max_waiting=cfg.max_waiting,
             n_batch=cfg.n_batch,
             n_threads=cfg.n_threads,
-            n_threads_batch=cfg.n_threads_batch,
+            n_threads_batch=cfg.n_threads_batch or max(1, (os.cpu_count() or 2) - 1),
         )
     raise ValueError(f"unsupported engine {kind}")
 

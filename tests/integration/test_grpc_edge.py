@@ -54,7 +54,7 @@ async def test_chat_stream_matches_unary(stub):
     last = chunks[-1]
     assert last.finish_reason == unary.finish_reason
     assert last.usage.completion_tokens == unary.usage.completion_tokens
-    assert sum(c.token_count for c in chunks) == last.usage.completion_tokens + (last.finish_reason == common_pb2.FINISH_REASON_STOP)
+    assert sum(c.token_count for c in chunks) == last.usage.completion_tokens
 
 
 async def test_generate_unary_and_stream(stub):

@@ -277,14 +277,15 @@ class Cluster:
 
     async def restart(self, worker: Worker) -> Worker:
         """A new worker process on the same port with the same engine."""
-        new = await self.add_worker(port=worker.port, engine=worker.engine)
-        return new
+        return await self.add_worker(port=worker.port, engine=worker.engine)
 
-    async def start_scheduler(self, workers: list[Worker] | list[str] | None = None, **cfg_kw) -> Scheduler:
+    async def start_scheduler(
+        self, workers: list[Worker] | list[str] | None = None, *, discovery=None, **cfg_kw
+    ) -> Scheduler:
         addrs = tuple(w if isinstance(w, str) else w.address for w in (workers if workers is not None else self.workers))
         cfg_kw.setdefault("probe_interval", 0.1)
         cfg = SchedulerConfig(port=0, metrics_port=-1, workers=addrs, **cfg_kw)
-        svc, port = await create_scheduler(cfg)
+        svc, port = await create_scheduler(cfg, discovery)
         await svc.load()
         await svc.host.set_serving(True)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -309,8 +310,3 @@ async def cluster():
         yield c
     finally:
         await c.close()
-
-
-@pytest.fixture
-def fake_engine_cls() -> type[FakeEngine]:
-    return FakeEngine

@@ -78,12 +78,6 @@ def test_validate_directly():
         SchedulerConfig(workers=("h:1",), routing="cache_aware_typo").validate()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a malformed worker address passes SchedulerConfig.validate(); it only fails later in "
-    "StaticDiscovery with a ValueError that does not name LLMFABRIC_SCHEDULER_WORKERS (the process "
-    "dies with a traceback instead of the one-line configuration error)",
-)
 def test_malformed_worker_address_is_a_config_error_naming_the_variable():
     with pytest.raises(ConfigError, match="LLMFABRIC_SCHEDULER_WORKERS"):
         _load({"LLMFABRIC_SCHEDULER_WORKERS": "127.0.0.1:50061,nohost"})

@@ -219,12 +219,6 @@ async def test_restarted_worker_rejoins_after_a_probe(cluster):
     assert again.engine.completed == ["up"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a retry after INTERNAL/UNKNOWN before the first token goes back to the same worker "
-    "(Dispatcher.submit only marks UNAVAILABLE workers failed and the router does not exclude the "
-    "worker that just failed), so the client gets UNAVAILABLE while another worker is idle",
-)
 async def test_internal_error_before_first_token_is_retried_on_the_other_worker(cluster):
     workers = [await cluster.add_worker(), await cluster.add_worker()]
     bad, good = _first_and_other(workers)

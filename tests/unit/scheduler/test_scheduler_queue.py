@@ -122,11 +122,6 @@ async def test_drain_returns_all_in_order_and_empties():
     assert len(q) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: remove() of a waiter that pop() already returned decrements the size again "
-    "(services/scheduler/queue.py: pop() does not mark the waiter as no longer queued)",
-)
 async def test_remove_after_pop_leaves_the_size_alone():
     q = RequestQueue(2)
     w = _waiter("a")
@@ -143,12 +138,6 @@ def _req(rid: str) -> ValidatedRequest:
     return ValidatedRequest(rid, "fake-model", (1, 2, 3), Sampling(0.0, 1.0, 0, 4))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a waiter granted a slot in the same loop turn as its cancellation is removed from the "
-    "queue after pop() already counted it out: len(queue) becomes -1, GetStatus then fails with INTERNAL "
-    "and the admission bound admits one more waiter than max_waiting each time",
-)
 async def test_cancel_in_the_turn_a_slot_is_granted_keeps_the_queue_count(cluster):
     w = await cluster.add_worker(capacity=1)
     w.engine.default = cluster.Script(hold=asyncio.Event())  # never released

@@ -250,3 +250,32 @@ def test_worker_config_defaults_and_env():
 def test_worker_config_rejects_bad_values_naming_the_variable(name, value):
     with pytest.raises(ConfigError, match=f"LLMFABRIC_WORKER_{name}"):
         load_config(WorkerConfig, PREFIX, [], environ={f"LLMFABRIC_WORKER_{name}": value})
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def _sample(w, name: str, **labels) -> float:
+    return w.svc.host.registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_metrics_count_outcomes_and_tokens(serve, fake_engine, make_tokenized, wait_until):
+    w = await serve(fake_engine)
+    [r async for r in w.generate(make_tokenized("ok", prompt=(1, 2, 3, 4)), timeout=5)]
+    assert _sample(w, "llmfabric_worker_requests_total", finish_reason="length") == 1
+    assert _sample(w, "llmfabric_worker_prompt_tokens_total") == 4
+    assert _sample(w, "llmfabric_worker_generated_tokens_total") == 3
+    assert _sample(w, "llmfabric_worker_time_to_first_token_seconds_count") == 1
+    assert _sample(w, "llmfabric_worker_running") == 1  # the engine's own report
+
+    fake_engine.hold_after_first = asyncio.Event()
+    call = w.generate(make_tokenized("gone"))
+    await asyncio.wait_for(call.read(), 5)
+    call.cancel()
+    await wait_until(lambda: _sample(w, "llmfabric_worker_requests_total", finish_reason="cancelled") == 1)
+
+    fake_engine.hold_after_first = None
+    fake_engine.fail = Unavailable("engine is not running")
+    await _error(w.generate(make_tokenized("bad")))
+    assert _sample(w, "llmfabric_worker_requests_total", finish_reason="error") == 1
+    assert _sample(w, "llmfabric_worker_request_duration_seconds_count") == 3
