@@ -76,21 +76,21 @@ def load_config(
     hints = typing.get_type_hints(cls)
     parser = argparse.ArgumentParser(prog=prefix.lower().rstrip("_"), add_help=True)
     for f in dataclasses.fields(cls):
-        env_name = prefix + f.name.upper()
         parser.add_argument(
-            "--" + f.name.replace("_", "-"), dest=f.name, default=None, help=f"{f.metadata.get('help', '')} [{env_name}]"
+            "--" + f.name.replace("_", "-"), dest=f.name, default=None,
+            help=f"{f.metadata.get('help', '')} [{env_name(prefix, f.name)}]",
         )
     args = parser.parse_args(list(argv or []))
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        env_name = prefix + f.name.upper()
+        var = env_name(prefix, f.name)
         flag = getattr(args, f.name)
         if flag is not None:
             values[f.name] = _parse(flag, hints[f.name], "--" + f.name.replace("_", "-"))
-        elif env_name in env:
-            values[f.name] = _parse(env[env_name], hints[f.name], env_name)
+        elif var in env:
+            values[f.name] = _parse(env[var], hints[f.name], var)
         elif f.default is dataclasses.MISSING:
-            raise ConfigError(f"{env_name} is required: {f.metadata.get('help', '')}")
+            raise ConfigError(f"{var} is required: {f.metadata.get('help', '')}")
     cfg = cls(**values)
     check = getattr(cfg, "validate", None)
     if check is not None:
