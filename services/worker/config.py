@@ -16,7 +16,7 @@ class WorkerConfig(ServerSettings):
     """Settings of one inference worker."""
 
     worker_id: str = setting("", help="id reported to the scheduler (default: worker-<port>)")
-    engine: str = setting("embedded", help="engine backend: embedded")
+    engine: str = setting("embedded", help="engine backend: embedded, sglang or triton")
     model_name: str = setting("", help="served model name (default: the catalog's)")
     context_length: int = setting(2048, help="tokens per sequence (prompt + answer); must match the tokenizer's")
     capacity: int = setting(4, help="sequences decoded together in one batch")
@@ -26,12 +26,23 @@ class WorkerConfig(ServerSettings):
     n_threads_batch: int = setting(
         0, help="llama.cpp threads for prompt processing (0 = auto: cores - 1, at least 1, leaving a core to the rest of the fabric)"
     )
+    prefill_chunk: int = setting(128, help="prompt tokens one sequence may prefill per step (long prompts do not stall running streams)")
+    prefix_cache: bool = setting(True, help="keep finished sequences' KV cells in the radix prefix cache")
+    cache_seqs: int = setting(
+        64, help="llama.cpp sequence ids reserved to hold cached prefixes (the tree's branches); capacity + this <= 256"
+    )
+    sglang_url: str = setting("http://127.0.0.1:30000", help="engine=sglang: base URL of the SGLang server")
+    triton_url: str = setting("127.0.0.1:8001", help="engine=triton: host:port of Triton's gRPC endpoint")
+    triton_model: str = setting("llmfabric_llm", help="engine=triton: decoupled model name (vLLM backend tensor names)")
+    request_timeout: float = setting(600.0, help="engine=sglang|triton: seconds one request may take upstream")
 
     def validate(self) -> None:
         kinds = [k.value for k in EngineKind]
         if self.engine not in kinds:
             raise ConfigError(f"{PREFIX}ENGINE={self.engine!r}: must be one of {', '.join(kinds)}")
         for name, low in (("context_length", 16), ("capacity", 1), ("max_waiting", 0), ("n_batch", 32), ("n_threads", 1),
-                          ("n_threads_batch", 0)):
+                          ("n_threads_batch", 0), ("prefill_chunk", 1), ("cache_seqs", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{PREFIX}{name.upper()}={getattr(self, name)}: must be at least {low}")
+        if self.capacity + self.cache_seqs > 256:
+            raise ConfigError(f"{PREFIX}CAPACITY + {PREFIX}CACHE_SEQS must be at most 256 (llama.cpp's sequence limit)")

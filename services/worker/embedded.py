@@ -1,11 +1,13 @@
 """The embedded engine: llama.cpp in-process on the CPU.
 
-One llama.cpp context holds up to ``capacity`` sequences. A dedicated
-thread runs the step loop: admit waiting requests into free sequence slots,
-build one ``llama_decode`` batch with a prompt chunk for every prefilling
-sequence and one token for every decoding one, sample per sequence, stream
-text out, free finished and cancelled sequences' KV cells at once. (The
-radix prefix cache plugs into admission/free: see the worker-backends issue.)
+One llama.cpp context holds up to ``capacity`` running sequences. A
+dedicated thread runs the step loop: admit waiting requests between steps
+(each takes its longest cached prefix from the radix cache, see
+``kvcache.py``), build one ``llama_decode`` batch with one token for every
+decoding sequence and a prompt chunk (at most ``prefill_chunk`` tokens) for
+every prefilling one — so a long prompt joins without stalling running
+streams —, sample per sequence with its own sampler chain, stream text out,
+and hand finished or cancelled sequences' cells to the prefix cache at once.
 ctypes releases the GIL during ``llama_decode``, so the asyncio loop stays
 responsive.
 """
@@ -28,6 +30,7 @@ from llmfabric.runtime.errors import InvalidArgument, ResourceExhausted, Unavail
 from llmfabric.structs import Finish, TokenChunk, ValidatedRequest
 
 from .engine import EngineInfo, EngineKind, EngineLoad
+from .kvcache import SequenceSlots
 from .sampler import build_sampler, free_sampler
 from .sequence import Sequence
 
@@ -47,6 +50,9 @@ class EmbeddedEngine:
         n_batch: int = 512,
         n_threads: int = 1,
         n_threads_batch: int = 2,
+        prefill_chunk: int = 128,
+        prefix_cache: bool = True,
+        cache_seqs: int = 64,
     ) -> None:
         self.spec = spec
         self.info = EngineInfo(EngineKind.EMBEDDED, spec.name, context_length, capacity)
@@ -54,6 +60,10 @@ class EmbeddedEngine:
         self.n_batch = n_batch
         self.n_threads = n_threads
         self.n_threads_batch = n_threads_batch
+        self.prefill_chunk = prefill_chunk
+        self.prefix_cache = prefix_cache
+        self.cache_seqs = cache_seqs
+        self.slots: SequenceSlots | None = None
         self.model: GgufModel | None = None
         self._ctx = None
         self._batch = None
@@ -61,11 +71,9 @@ class EmbeddedEngine:
         self._inbox: queue.Queue[Sequence] = queue.Queue()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: list[Sequence] = []
-        self._free_ids = list(range(capacity))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._prompt_total = 0
-        self._kv_used = 0
 
     # ---------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -79,7 +87,7 @@ class EmbeddedEngine:
         p.n_ctx = self.info.context_length * self.info.capacity
         p.n_batch = self.n_batch
         p.n_ubatch = self.n_batch
-        p.n_seq_max = self.info.capacity
+        p.n_seq_max = self.info.capacity + (self.cache_seqs if self.prefix_cache else 0)
         p.n_threads = self.n_threads
         p.n_threads_batch = self.n_threads_batch
         if hasattr(p, "kv_unified"):
@@ -88,7 +96,10 @@ class EmbeddedEngine:
         if not self._ctx:
             raise RuntimeError("llama.cpp could not create a context")
         self._mem = llama_cpp.llama_get_memory(self._ctx)
-        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, self.info.capacity)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, p.n_seq_max)
+        self.slots = SequenceSlots(
+            self._mem, n_ctx=p.n_ctx, capacity=self.info.capacity, cache_seqs=self.cache_seqs, enabled=self.prefix_cache
+        )
         log.info(
             "embedded engine ready",
             extra={"model": self.spec.name, "n_ctx": p.n_ctx, "capacity": self.info.capacity},
@@ -121,7 +132,7 @@ class EmbeddedEngine:
                 "request.prompt_token_ids", f"ids outside the vocabulary 0..{self.model.n_vocab - 1}: {bad[:5]}"
             )
         queued = self._inbox.qsize() + len(self._waiting) + 1  # with this one
-        if queued - len(self._free_ids) > self.max_waiting:
+        if queued - (self.info.capacity - len(self._running)) > self.max_waiting:
             raise ResourceExhausted(f"worker queue is full ({self.max_waiting} waiting)", retry_after_ms=500)
         loop = asyncio.get_running_loop()
         seq = Sequence(
@@ -147,21 +158,25 @@ class EmbeddedEngine:
                 seq.cancelled.set()  # the engine thread frees the sequence at its next step
 
     def load(self) -> EngineLoad:
-        running = len(self._running)
+        slots = self.slots
         n_ctx = self.info.context_length * self.info.capacity
+        used = slots.used(list(self._running)) if slots is not None else 0
         return EngineLoad(
-            running=running,
+            running=len(self._running),
             waiting=len(self._waiting) + self._inbox.qsize(),
             capacity=self.info.capacity,
-            kv_used=self._kv_used,
-            kv_free=max(n_ctx - self._kv_used, 0),
+            kv_used=used,
+            kv_free=max(n_ctx - used, 0),
             prompt_tokens_total=self._prompt_total,
-            cached_tokens_total=0,
-            evictions_total=0,
+            cached_tokens_total=slots.cached_tokens_total if slots is not None else 0,
+            evictions_total=slots.tree.evictions if slots is not None else 0,
         )
 
     async def flush_cache(self) -> int:
-        return 0  # no prefix cache yet: nothing is kept after a sequence ends
+        """Drop every cached prefix no running request uses (runs on the engine thread)."""
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._inbox.put(_Flush(done))
+        return await done
 
     # ---------------------------------------------------------- engine thread
     def _loop(self) -> None:
@@ -176,7 +191,7 @@ class EmbeddedEngine:
                 log.exception("engine step failed")
                 for seq in self._running:
                     seq.emit(Unavailable(f"engine failure: {exc}"))
-                    self._release(seq)
+                    self._release(seq, keep=False)  # its cells may be half-written: never cache them
                 self._running.clear()
         self._drain_inbox(block=False)
         for seq in [*self._running, *self._waiting]:
@@ -185,11 +200,18 @@ class EmbeddedEngine:
     def _drain_inbox(self, block: bool) -> None:
         try:
             if block:
-                self._waiting.append(self._inbox.get(timeout=0.05))
+                self._take(self._inbox.get(timeout=0.05))
             while True:
-                self._waiting.append(self._inbox.get_nowait())
+                self._take(self._inbox.get_nowait())
         except queue.Empty:
             pass
+
+    def _take(self, item: Sequence | _Flush) -> None:
+        if isinstance(item, _Flush):
+            n = self.slots.flush() if self.slots is not None else 0
+            item.done.get_loop().call_soon_threadsafe(_resolve, item.done, n)
+        else:
+            self._waiting.append(item)
 
     def _reap(self) -> None:
         """Drop cancelled sequences (waiting or running) and free their cells."""
@@ -200,19 +222,17 @@ class EmbeddedEngine:
             self._release(seq)
 
     def _admit(self) -> None:
-        while self._waiting and self._free_ids:
-            seq = self._waiting.popleft()
-            seq.seq_id = self._free_ids.pop()
+        while self._waiting and len(self._running) < self.info.capacity:
+            seq = self._waiting[0]
+            if not self.slots.acquire(seq):
+                break
+            self._waiting.popleft()
             seq.sampler = build_sampler(seq.request.sampling)
             self._prompt_total += len(seq.prompt)
             self._running.append(seq)
 
-    def _release(self, seq: Sequence) -> None:
-        if seq.seq_id >= 0:
-            llama_cpp.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
-            self._kv_used -= seq.n_past
-            self._free_ids.append(seq.seq_id)
-            seq.seq_id = -1
+    def _release(self, seq: Sequence, keep: bool = True) -> None:
+        self.slots.release(seq, keep=keep)
         free_sampler(seq.sampler)
         seq.sampler = None
         if not seq.finished:
@@ -222,11 +242,13 @@ class EmbeddedEngine:
         """One llama_decode over every running sequence."""
         batch, n = self._batch, 0
         sample_at: list[tuple[Sequence, int]] = []
-        budget = self.n_batch - sum(1 for s in self._running if not s.prefilling)
+        decoding = sum(1 for s in self._running if not s.prefilling)
+        budget = self.n_batch - decoding
+        self.slots.make_room(decoding + min(budget, self.prefill_chunk * len(self._running)), self._running)
         for seq in self._running:
             if seq.prefilling:
-                take = min(len(seq.prompt) - seq.n_past, max(budget, 0))
-                if take <= 0:
+                take = min(len(seq.prompt) - seq.n_past, self.prefill_chunk, budget)
+                if take <= 0 or not self.slots.make_room(take, self._running):
                     continue
                 budget -= take
                 tokens = seq.prompt[seq.n_past : seq.n_past + take]
@@ -241,13 +263,14 @@ class EmbeddedEngine:
                 batch.logits[n] = last_chunk and j == len(tokens) - 1
                 n += 1
             seq.n_past += len(tokens)
-            self._kv_used += len(tokens)
             if last_chunk:
                 sample_at.append((seq, n - 1))
         if n == 0:
             return
         batch.n_tokens = n
         rc = llama_cpp.llama_decode(self._ctx, batch)
+        if rc == 1 and self.slots.tree.evict(n):  # no free cell run: free cached prefixes, retry once
+            rc = llama_cpp.llama_decode(self._ctx, batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
         for seq, idx in sample_at:
@@ -255,3 +278,15 @@ class EmbeddedEngine:
                 continue
             token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, idx)
             seq.accept(token, self.model.is_eog, self.info.context_length)
+
+
+class _Flush:
+    """A flush_cache request travelling through the engine thread's inbox."""
+
+    def __init__(self, done: asyncio.Future) -> None:
+        self.done = done
+
+
+def _resolve(fut: asyncio.Future, value: int) -> None:
+    if not fut.done():
+        fut.set_result(value)

@@ -20,7 +20,8 @@ class EngineKind(str, enum.Enum):
     """Which backend a worker fronts."""
 
     EMBEDDED = "embedded"  # llama.cpp in this process (CPU)
-    # SGLANG and TRITON arrive with the worker-backends issue.
+    SGLANG = "sglang"  # an SGLang server's native HTTP API
+    TRITON = "triton"  # a Triton server with a decoupled LLM model (vLLM backend tensor names)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -15,7 +15,10 @@ class WorkerMetrics:
             "llmfabric_worker_requests", "Finished requests by finish reason (cancelled = caller went away)",
             ["finish_reason"], registry=registry,
         )
-        self.prompt_tokens = Counter("llmfabric_worker_prompt_tokens", "Prompt tokens processed", registry=registry)
+        self.prompt_tokens = Counter("llmfabric_worker_prompt_tokens", "Prompt tokens of finished requests", registry=registry)
+        self.cached_tokens = Counter(
+            "llmfabric_worker_cached_prompt_tokens", "Prompt tokens served from the prefix cache", registry=registry
+        )
         self.generated_tokens = Counter("llmfabric_worker_generated_tokens", "Tokens generated", registry=registry)
         self.ttft = Histogram(
             "llmfabric_worker_time_to_first_token_seconds", "Request arrival to first token", buckets=LATENCY_BUCKETS,
@@ -28,6 +31,10 @@ class WorkerMetrics:
         running = Gauge("llmfabric_worker_running", "Sequences generating", registry=registry)
         waiting = Gauge("llmfabric_worker_waiting", "Sequences waiting for a slot", registry=registry)
         kv_used = Gauge("llmfabric_worker_kv_cells_used", "KV cache cells in use", registry=registry)
+        kv_free = Gauge("llmfabric_worker_kv_cells_free", "KV cache cells free", registry=registry)
+        evictions = Gauge("llmfabric_worker_cache_evictions", "Prefix-cache nodes evicted since start", registry=registry)
         running.set_function(lambda: engine.load().running)
         waiting.set_function(lambda: engine.load().waiting)
         kv_used.set_function(lambda: engine.load().kv_used)
+        kv_free.set_function(lambda: engine.load().kv_free)
+        evictions.set_function(lambda: engine.load().evictions_total)

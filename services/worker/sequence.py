@@ -27,6 +27,8 @@ class Sequence:
     n_past: int = 0  # tokens already in the KV cache
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache
     generated: int = 0  # completion tokens so far
+    output_ids: list[int] = dataclasses.field(default_factory=list)  # sampled tokens (the last is not yet decoded)
+    lock_node: object = None  # radix node pinned for this sequence's cached prefix
     last_token: int = -1  # token to feed at the next decode step
     finished: bool = False  # final chunk sent
 
@@ -45,6 +47,7 @@ class Sequence:
     def accept(self, token: int, is_eog: Callable[[int], bool], context_length: int) -> None:
         """Record a sampled token, emit its text, finish when due."""
         self.last_token = token
+        self.output_ids.append(token)
         if is_eog(token):  # not part of the answer: not counted, not returned
             self.finish(Finish.STOP, (), "")
             return

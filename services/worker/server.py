@@ -27,8 +27,17 @@ def create_engine(cfg: WorkerConfig) -> Engine:
             n_batch=cfg.n_batch,
             n_threads=cfg.n_threads,
             n_threads_batch=cfg.n_threads_batch or max(1, (os.cpu_count() or 2) - 1),
+            prefill_chunk=cfg.prefill_chunk,
+            prefix_cache=cfg.prefix_cache,
+            cache_seqs=cfg.cache_seqs,
         )
-    raise ValueError(f"unsupported engine {kind}")
+    if kind is EngineKind.SGLANG:
+        from .sglang import SGLangEngine
+
+        return SGLangEngine(cfg)
+    from .triton import TritonEngine
+
+    return TritonEngine(cfg)
 
 
 class WorkerService:

@@ -44,6 +44,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     finish = chunk.finish.value
                     if self.metrics is not None and chunk.usage is not None:
                         self.metrics.prompt_tokens.inc(chunk.usage.prompt_tokens)
+                        self.metrics.cached_tokens.inc(chunk.usage.cached_tokens)
                         self.metrics.generated_tokens.inc(chunk.usage.completion_tokens)
                 yield worker_pb2.GenerateResponse(chunk=chunk_to_pb(chunk))
         except Exception:
