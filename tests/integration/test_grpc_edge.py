@@ -141,3 +141,14 @@ async def test_empty_prompt_rejected(stub):
         await stub.Generate(inference_pb2.GenerateRequest(prompt=""), timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "prompt" in info.value.details()
+
+
+async def test_cached_tokens_reported_in_grpc_usage(stub):
+    req = inference_pb2.ChatRequest(
+        messages=[SYSTEM, common_pb2.ChatMessage(role="user", content="Tell me about prefix caching in one line.")],
+        options=_opts(max_tokens=4, temperature=0),
+    )
+    first = await stub.Chat(req, timeout=60)
+    second = await stub.Chat(req, timeout=60)
+    assert first.message.content == second.message.content  # same greedy answer, cold or cached
+    assert second.usage.cached_tokens == second.usage.prompt_tokens - 1

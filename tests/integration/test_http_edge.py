@@ -122,7 +122,14 @@ def test_openai_sdk_chat(client):
     assert "Paris" in resp.choices[0].message.content
     assert resp.choices[0].finish_reason in ("stop", "length")
     assert resp.usage.completion_tokens <= 16
-    assert resp.usage.prompt_tokens_details.cached_tokens == 0
+    assert 0 <= resp.usage.prompt_tokens_details.cached_tokens < resp.usage.prompt_tokens
+
+
+def test_openai_usage_reports_prefix_cache_hits(client):
+    messages = [MESSAGES[0], {"role": "user", "content": "Repeat after me: cached prefixes are fast."}]
+    client.chat.completions.create(model="smollm2-135m-instruct", messages=messages, max_tokens=4, temperature=0)
+    again = client.chat.completions.create(model="smollm2-135m-instruct", messages=messages, max_tokens=4, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1  # all but the last token
 
 
 def test_openai_sdk_chat_stream(client):

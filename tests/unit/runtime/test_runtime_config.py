@@ -282,7 +282,7 @@ def test_worker_ignores_other_service_prefix():
 @pytest.mark.parametrize(
     "env,needle",
     [
-        ({"LLMFABRIC_WORKER_ENGINE": "sglang"}, "LLMFABRIC_WORKER_ENGINE='sglang'"),
+        ({"LLMFABRIC_WORKER_ENGINE": "vllm"}, "LLMFABRIC_WORKER_ENGINE='vllm'"),
         ({"LLMFABRIC_WORKER_CONTEXT_LENGTH": "8"}, "LLMFABRIC_WORKER_CONTEXT_LENGTH=8"),
         ({"LLMFABRIC_WORKER_CAPACITY": "0"}, "LLMFABRIC_WORKER_CAPACITY=0"),
         ({"LLMFABRIC_WORKER_MAX_WAITING": "-1"}, "LLMFABRIC_WORKER_MAX_WAITING=-1"),

@@ -73,11 +73,12 @@ def ids_of(chunks) -> list[int]:
 
 
 async def idle(engine, wait_until) -> None:
-    """Bounded wait until the engine holds no sequence and no KV cell."""
+    """Bounded wait until the engine runs nothing and every cell in use
+    belongs to the prefix cache (a running sequence's own cells are freed)."""
 
     def check():
         ld = engine.load()
-        return ld.running == 0 and ld.waiting == 0 and ld.kv_used == 0
+        return ld.running == 0 and ld.waiting == 0 and ld.kv_used == engine.slots.tree.total_tokens
 
     await wait_until(check, timeout=10, what=f"engine idle (load={engine.load()})")
 
@@ -270,7 +271,8 @@ async def test_load_reports_prompt_tokens(engine, make_request, wait_until):
     ld = engine.load()
     assert ld.prompt_tokens_total == before + len(req.prompt_token_ids)
     assert ld.capacity == 2
-    assert ld.kv_free == 2 * 512
+    assert ld.kv_free + ld.kv_used == 2 * 512
+    assert ld.kv_used == engine.slots.tree.total_tokens  # idle: only cached prefixes hold cells
 
 
 # ------------------------------------------------------------------ cancellation
@@ -289,6 +291,8 @@ async def test_cancelling_a_stream_frees_its_slot_and_cells(engine, make_request
     await agen.aclose()
 
     await idle(engine, wait_until)
+    assert await engine.flush_cache() > 0  # what the cancelled stream computed was cached ...
+    assert engine.load().kv_used == 0  # ... and flushing frees every cell
     # the slot serves new work
     chunks = await run(engine, make_request("after", text="1, 2, 3,", max_tokens=3))
     assert chunks[-1].finish is Finish.LENGTH
