@@ -35,6 +35,7 @@ class WorkerConfig(ServerSettings):
     triton_url: str = setting("127.0.0.1:8001", help="engine=triton: host:port of Triton's gRPC endpoint")
     triton_model: str = setting("llmfabric_llm", help="engine=triton: decoupled model name (vLLM backend tensor names)")
     request_timeout: float = setting(600.0, help="engine=sglang|triton: seconds one request may take upstream")
+    startup_timeout: float = setting(300.0, help="engine=sglang|triton: seconds to wait for the upstream server to be ready")
 
     def validate(self) -> None:
         kinds = [k.value for k in EngineKind]

@@ -26,7 +26,8 @@ streaming), ``error_line`` (a ValueError line), ``abort_503`` (the scheduler
 aborts with status 503, as on a request timeout), ``close`` (connection cut
 mid-stream), ``drop`` (connection cut before any answer), ``no_finish``
 (``[DONE]`` without a finish_reason). ``token_delay`` slows tokens;
-``hold`` (an Event) pauses after the first token until set.
+``hold`` (an Event) pauses after the first token until set; ``write_size``
+sends every line in tiny pieces; ``pad_bytes`` makes lines huge.
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ class FakeSGLang:
         self.fail_after = 1
         self.token_delay = 0.0
         self.hold: asyncio.Event | None = None
+        self.write_size = 0  # > 0: send each line in pieces this small (cuts through UTF-8 sequences)
+        self.pad_bytes = 0  # > 0: an extra meta_info field this long (lines beyond client buffer sizes)
         # records
         self.requests: list[dict] = []  # /generate bodies
         self.aborted: list[str] = []  # rids given to /abort_request
@@ -209,7 +212,7 @@ class FakeSGLang:
             "sglang:num_queue_reqs": max(0, len(self._active) - cap),
             "sglang:num_used_tokens": used,
             "sglang:token_usage": round(used / self.max_total_num_tokens, 2),
-            "sglang:cache_hit_rate": self.cached_tokens_total / self.prompt_tokens_total if self.prompt_tokens_total else 0.0,
+            "sglang:cache_hit_rate": self.cached_tokens_total / max(1, self.prompt_tokens_total),
             "sglang:gen_throughput": 0.0,
             "sglang:max_total_num_tokens": self.max_total_num_tokens,
             "sglang:prompt_tokens_total": self.prompt_tokens_total,
@@ -223,7 +226,8 @@ class FakeSGLang:
             kind = "counter" if name.endswith("_total") else "gauge"
             family = name[: -len("_total")] if kind == "counter" else name
             extra = ',cache_source="device"' if name == "sglang:cached_tokens_total" else ""
-            lines += [f"# HELP {family} {family}", f"# TYPE {family} {kind}", f"{name}{{{labels}{extra}}} {float(value)}"]
+            lines += [f"# HELP {family} {family}", f"# TYPE {family} {kind}",
+                      f"{name}{{{labels}{extra}}} {float(value)}"]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 
     # ------------------------------------------------------------------ generation
@@ -291,9 +295,9 @@ class FakeSGLang:
             if status == 500:  # an unhandled exception: Starlette's plain-text 500
                 return web.Response(status=500, text="Internal Server Error")
             return _error_response(status, f"fake SGLang failure (HTTP {status})")
-        if self.fail == "drop":
+        if self.fail == "drop":  # cut the connection before any answer
             request.transport.close()
-            raise ConnectionResetError("fake SGLang dropped the connection")
+            return web.Response()
         ids: list[int] = body["input_ids"]
         params: dict = body.get("sampling_params") or {}
         rid = body.get("rid") or os.urandom(16).hex()
@@ -303,24 +307,32 @@ class FakeSGLang:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
 
-        async def send(obj) -> None:
-            await resp.write(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
+        async def send(obj) -> None:  # raw UTF-8 like SGLang's orjson, not \u escapes
+            data = obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False).encode()
+            data = b"data: " + data + b"\n\n"
+            step = self.write_size or len(data)
+            for at in range(0, len(data), step):
+                await resp.write(data[at: at + step])
 
+        problem = self._value_error(ids, params)
+        if rid in self._active:
+            problem = f"Duplicate request ID detected: {rid}"
+        if problem or self.fail == "error_line":
+            await send({"error": {"message": problem or "fake SGLang failure (ValueError)"}})
+            await send(b"[DONE]")
+            return resp
+        self._active[rid] = len(ids)
         try:
-            problem = self._value_error(ids, params) or (f"Duplicate request ID detected: {rid}" if rid in self._active else None)
-            if problem or self.fail == "error_line":
-                await send({"error": {"message": problem or "fake SGLang failure (ValueError)"}})
-                await send(b"[DONE]")
-                return resp
-            self._active[rid] = len(ids)
             async for out in self._decode(rid, ids, params):
                 if out == "close":
                     request.transport.close()
                     return resp
                 await send(out)
             await send(b"[DONE]")
-        except (ConnectionError, asyncio.CancelledError):
-            self.disconnected.append(rid)  # SGLang aborts the request when its client goes away
+        except ConnectionError:  # the client went away; SGLang aborts the request then
+            self.disconnected.append(rid)
+        except asyncio.CancelledError:
+            self.disconnected.append(rid)
             raise
         finally:
             self._active.pop(rid, None)
@@ -340,7 +352,9 @@ class FakeSGLang:
         if not isinstance(last, dict):
             return _error_response(500, "fake SGLang failure")
         status = (last["meta_info"]["finish_reason"] or {}).get("status_code")
-        return _error_response(status, last["meta_info"]["finish_reason"]["message"]) if status else web.json_response(last)
+        if status:
+            return _error_response(status, last["meta_info"]["finish_reason"]["message"])
+        return web.json_response(last)
 
     async def _decode(self, rid: str, ids: list[int], params: dict):
         """One output dict per token (the last carries finish_reason), or "close"."""
@@ -350,8 +364,7 @@ class FakeSGLang:
         cached = self._match_prefix(ids)
         self.prompt_tokens_total += len(ids)
         self.cached_tokens_total += cached
-        text_all, _, _ = "", None, None
-        out_ids: list[int] = []
+        text_all, out_ids = "", []
         sent_text, sent_ids = "", 0
         meta = {"id": rid, "finish_reason": None, "prompt_tokens": len(ids), "weight_version": "default",
                 "total_retractions": 0, "completion_tokens": 0, "cached_tokens": cached}
@@ -384,8 +397,8 @@ class FakeSGLang:
             sent_text, sent_ids = text_all, len(out_ids)
             if finish is not None:
                 return
-            if i == 0 and self.hold is not None:
-                await self.hold.wait()
+            while i == 0 and self.hold is not None and not self.hold.is_set() and rid not in self._abort_flags:
+                await asyncio.sleep(0.01)
 
     def _step(self, ids, out_ids, text, max_new, stop):
         tok = token_at(ids, len(out_ids))
@@ -402,6 +415,7 @@ class FakeSGLang:
         return text, out_ids, None
 
     def _out(self, text: str, out_ids: list[int], meta: dict, sent_text: str, sent_ids: int) -> dict:
+        meta = {**meta, "padding": "x" * self.pad_bytes} if self.pad_bytes else dict(meta)
         if self.incremental:
-            return {"text": text[len(sent_text):], "output_ids": out_ids[sent_ids:], "meta_info": dict(meta)}
-        return {"text": text, "output_ids": list(out_ids), "meta_info": dict(meta)}
+            return {"text": text[len(sent_text):], "output_ids": out_ids[sent_ids:], "meta_info": meta}
+        return {"text": text, "output_ids": list(out_ids), "meta_info": meta}
