@@ -418,7 +418,7 @@ async def test_aborted_by_someone_else_is_unavailable(sglang, worker, wait_until
 
 async def test_server_not_up_at_start_is_a_clear_error(worker):
     url = f"http://127.0.0.1:{free_port()}"
-    w = await worker(url, load=False, request_timeout=0.5)
+    w = await worker(url, load=False, startup_timeout=0.5)
     with pytest.raises(Unavailable) as exc_info:
         await asyncio.wait_for(w.svc.load(), TIMEOUT)
     message = exc_info.value.message
@@ -429,7 +429,7 @@ async def test_server_not_up_at_start_is_a_clear_error(worker):
 async def test_unhealthy_server_at_start_is_a_clear_error(sglang, worker):
     fake = await sglang()
     fake.healthy = False
-    w = await worker(fake, load=False, request_timeout=0.5)
+    w = await worker(fake, load=False, startup_timeout=0.5)
     with pytest.raises(Unavailable) as exc_info:
         await asyncio.wait_for(w.svc.load(), TIMEOUT)
     assert "last GET /health: HTTP 503" in exc_info.value.message
