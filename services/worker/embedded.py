@@ -174,6 +174,8 @@ class EmbeddedEngine:
 
     async def flush_cache(self) -> int:
         """Drop every cached prefix no running request uses (runs on the engine thread)."""
+        if self._thread is None or not self._thread.is_alive() or self._stop.is_set():
+            return 0  # not running: nothing is cached
         done: asyncio.Future = asyncio.get_running_loop().create_future()
         self._inbox.put(_Flush(done))
         return await done
@@ -208,6 +210,7 @@ class EmbeddedEngine:
 
     def _take(self, item: Sequence | _Flush) -> None:
         if isinstance(item, _Flush):
+            self._reap()  # finished requests go into the tree first, so the flush drops them too
             n = self.slots.flush() if self.slots is not None else 0
             item.done.get_loop().call_soon_threadsafe(_resolve, item.done, n)
         else:
@@ -218,8 +221,8 @@ class EmbeddedEngine:
         for seq in [s for s in self._waiting if s.cancelled.is_set()]:
             self._waiting.remove(seq)
         for seq in [s for s in self._running if s.cancelled.is_set() or s.finished]:
+            self._release(seq)  # release first: load() never under-reports the cells in use
             self._running.remove(seq)
-            self._release(seq)
 
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.info.capacity:
@@ -244,7 +247,8 @@ class EmbeddedEngine:
         sample_at: list[tuple[Sequence, int]] = []
         decoding = sum(1 for s in self._running if not s.prefilling)
         budget = self.n_batch - decoding
-        self.slots.make_room(decoding + min(budget, self.prefill_chunk * len(self._running)), self._running)
+        prefill = sum(min(len(s.prompt) - s.n_past, self.prefill_chunk) for s in self._running if s.prefilling)
+        self.slots.make_room(decoding + min(budget, prefill), self._running)
         for seq in self._running:
             if seq.prefilling:
                 take = min(len(seq.prompt) - seq.n_past, self.prefill_chunk, budget)

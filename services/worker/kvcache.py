@@ -54,10 +54,6 @@ class SequenceSlots:
         self.tree = RadixCache(on_evict=self._drop_cells, on_value_free=self.free_ids.append, policy=policy)
         self.cached_tokens_total = 0  # prompt tokens served from the cache
 
-    @property
-    def n_seq_max(self) -> int:
-        return len(self.free_ids)
-
     # ------------------------------------------------------------- admission
     def acquire(self, seq: Sequence) -> bool:
         """Give ``seq`` a sequence id and its cached prefix; False when no id

@@ -181,6 +181,8 @@ class RadixCache:
             node = node.parent
 
     def unlock(self, node: Node) -> None:
+        if node.parent is not None and node.lock_ref <= 0:
+            raise RuntimeError("radix node unlocked more often than locked")
         while node.parent is not None:
             node.lock_ref -= 1
             if node.lock_ref < 0:
