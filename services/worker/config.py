@@ -24,7 +24,7 @@ class WorkerConfig(ServerSettings):
     n_batch: int = setting(512, help="tokens per llama_decode call (prefill chunk budget)")
     n_threads: int = setting(1, help="llama.cpp threads for single-token decode")
     n_threads_batch: int = setting(
-        0, help="llama.cpp threads for prompt processing (0 = auto: cores - 1, at least 1, leaving a core to the rest of the fabric)"
+        0, help="llama.cpp threads for prompt processing and batched decode (0 = auto: all cores; 1 avoids stalls on a busy shared host)"
     )
     prefill_chunk: int = setting(128, help="prompt tokens one sequence may prefill per step (long prompts do not stall running streams)")
     prefix_cache: bool = setting(True, help="keep finished sequences' KV cells in the radix prefix cache")

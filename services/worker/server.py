@@ -26,7 +26,7 @@ def create_engine(cfg: WorkerConfig) -> Engine:
             max_waiting=cfg.max_waiting,
             n_batch=cfg.n_batch,
             n_threads=cfg.n_threads,
-            n_threads_batch=cfg.n_threads_batch or max(1, (os.cpu_count() or 2) - 1),
+            n_threads_batch=cfg.n_threads_batch or (os.cpu_count() or 1),
             prefill_chunk=cfg.prefill_chunk,
             prefix_cache=cfg.prefix_cache,
             cache_seqs=cfg.cache_seqs,
