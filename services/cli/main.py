@@ -1,6 +1,6 @@
 """``llmfabric``: run and talk to the fabric.
 
-  llmfabric up [--workers N] [--routing P] [--port 8080] [--admin-port 9901]
+  llmfabric up [--workers N] [--engine embedded|triton] [--routing P] [--port 8080] [--admin-port 9901]
   llmfabric status [--state-dir .llmfabric] [--edge 127.0.0.1:8080]
   llmfabric chat "question" [--edge 127.0.0.1:8080] [--max-tokens N]
 """
@@ -18,9 +18,9 @@ from .stack import Stack, StackOptions
 
 def _up(args: argparse.Namespace) -> int:
     opts = StackOptions(
-        workers=args.workers, routing=args.routing, host=args.host, edge_port=args.port, admin_port=args.admin_port,
-        context_length=args.context_length, capacity=args.capacity, state_dir=pathlib.Path(args.state_dir),
-        log_level=args.log_level,
+        workers=args.workers, engine=args.engine, routing=args.routing, host=args.host, edge_port=args.port,
+        admin_port=args.admin_port, context_length=args.context_length, capacity=args.capacity,
+        state_dir=pathlib.Path(args.state_dir), log_level=args.log_level,
     )
     stack = Stack(opts)
 
@@ -29,7 +29,8 @@ def _up(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        print(f"starting llmfabric ({opts.workers} worker(s), routing={opts.routing}); logs in {stack.state_dir / 'logs'}")
+        print(f"starting llmfabric ({opts.workers} {opts.engine} worker(s), routing={opts.routing}); "
+              f"logs in {stack.state_dir / 'logs'}")
         start = asyncio.ensure_future(stack.start())
         waiter = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait({start, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -90,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     up = sub.add_parser("up", help="run the whole stack on this machine (Ctrl-C stops it)")
-    up.add_argument("--workers", type=int, default=1, help="embedded workers (default 1)")
+    up.add_argument("--workers", type=int, default=1, help="inference workers (default 1)")
+    up.add_argument("--engine", default="embedded", choices=["embedded", "triton"],
+                    help="worker engine: embedded llama.cpp (default), or triton: one local Triton per worker "
+                         "(python -m llmfabric.tritonserve) serving the model under the vLLM backend's tensor names")
     up.add_argument("--routing", default="least_load", choices=["round_robin", "least_load"], help="scheduler routing")
     up.add_argument("--host", default="127.0.0.1", help="address every listener binds")
     up.add_argument("--port", type=int, default=8080, help="edge port: gRPC, REST/SSE and OpenAI HTTP (default 8080)")

@@ -5,7 +5,6 @@ launcher (PR_SET_PDEATHSIG), stop with SIGTERM then SIGKILL."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import os
 import pathlib
@@ -14,7 +13,7 @@ import socket
 import subprocess
 import time
 
-_PR_SET_PDEATHSIG = 1
+PARENT_PID_ENV = "LLMFABRIC_PARENT_PID"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -22,11 +21,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclasses.dataclass(slots=True)
@@ -43,9 +37,12 @@ class Child:
         env = {**base_env, **self.env}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab", buffering=0)  # noqa: SIM115 - owned by the child
+        # no preexec_fn: running Python between fork and exec in a process with
+        # gRPC threads is unsafe; our services arm PR_SET_PDEATHSIG themselves
+        # (runtime.startup.die_with_parent) from LLMFABRIC_PARENT_PID
+        env[PARENT_PID_ENV] = str(os.getpid())
         self.proc = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True, preexec_fn=_die_with_parent,  # noqa: PLW1509
+            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
         )
         log.close()
 

@@ -1,6 +1,8 @@
 """The local stack: tokenizer, N workers, scheduler, frontend and the Envoy
-edge as processes on loopback. Used by ``llmfabric up`` and by the
-integration tests (so both run exactly the same thing)."""
+edge as processes on loopback (with ``engine="triton"`` also one Triton per
+worker, ``python -m llmfabric.tritonserve``, each worker's engine pointing at
+its own). Used by ``llmfabric up`` and by the integration tests (so both run
+exactly the same thing)."""
 
 from __future__ import annotations
 
@@ -21,13 +23,15 @@ from .processes import Child, free_port, stop_all
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DESCRIPTOR = ROOT / "build" / "llmfabric.pb"
+TRITON_MODEL = "llmfabric_llm"  # the decoupled model each tritonserve serves (vLLM backend tensor names)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class StackOptions:
     """What ``llmfabric up`` runs."""
 
-    workers: int = 1  # embedded workers
+    workers: int = 1  # inference workers
+    engine: str = "embedded"  # worker engine: "embedded" (llama.cpp in the worker) or "triton" (a Triton each)
     routing: str = "least_load"  # scheduler routing policy
     host: str = "127.0.0.1"  # every listener binds here
     edge_port: int = 8080  # Envoy: gRPC, REST/SSE and OpenAI HTTP
@@ -43,9 +47,9 @@ class StackOptions:
 class Service:
     """One planned service: its process and where it listens."""
 
-    name: str  # tokenizer, worker-0, scheduler, frontend, edge
+    name: str  # tokenizer, triton-0, worker-0, scheduler, frontend, edge
     kind: str  # module/role
-    grpc: str  # host:port of its gRPC server (health lives there)
+    grpc: str  # host:port of its gRPC server (grpc.health.v1 there, except Triton's: HTTP /v2/health/ready)
     metrics: str = ""  # host:port of /metrics
     http: str = ""  # extra HTTP listener (frontend OpenAI API, Envoy admin)
     child: Child | None = None  # the process
@@ -74,14 +78,35 @@ class Stack:
         svc.child = Child(name, argv, self.state_dir / "logs" / f"{name}.log", env=env)
         return svc
 
+    def _triton(self, name: str) -> Service:
+        """A ``python -m llmfabric.tritonserve`` (Triton through PyTriton, the embedded engine inside)."""
+        o, p = self.opts, "LLMFABRIC_TRITONSERVE_"
+        grpc_port, http_port, metrics_port = free_port(o.host), free_port(o.host), free_port(o.host)
+        env = {
+            f"{p}HOST": o.host, f"{p}GRPC_PORT": str(grpc_port), f"{p}HTTP_PORT": str(http_port),
+            f"{p}METRICS_PORT": str(metrics_port), f"{p}MODEL_NAME": TRITON_MODEL,
+            f"{p}CONTEXT_LENGTH": str(o.context_length), f"{p}CAPACITY": str(o.capacity),
+            f"{p}LOG_LEVEL": o.log_level, f"{p}DRAIN_SECONDS": str(o.drain_seconds),
+        }
+        svc = Service(name, "tritonserve", f"{o.host}:{grpc_port}", metrics=f"{o.host}:{metrics_port}",
+                      http=f"{o.host}:{http_port}")
+        argv = [sys.executable, "-m", "llmfabric.tritonserve"]
+        svc.child = Child(name, argv, self.state_dir / "logs" / f"{name}.log", env=env)
+        return svc
+
     def plan(self) -> None:
         o = self.opts
+        if o.engine not in ("embedded", "triton"):
+            raise ValueError(f"engine {o.engine!r}: must be embedded or triton")
         ctx = str(o.context_length)
         tok = self._svc("tokenizer", "tokenizer", [], "LLMFABRIC_TOKENIZER_", {"LLMFABRIC_TOKENIZER_CONTEXT_LENGTH": ctx})
+        tritons = [self._triton(f"triton-{i}") for i in range(o.workers)] if o.engine == "triton" else []
         workers = [
             self._svc(f"worker-{i}", "worker", [], "LLMFABRIC_WORKER_", {
                 "LLMFABRIC_WORKER_WORKER_ID": f"worker-{i}", "LLMFABRIC_WORKER_CONTEXT_LENGTH": ctx,
-                "LLMFABRIC_WORKER_CAPACITY": str(o.capacity),
+                "LLMFABRIC_WORKER_CAPACITY": str(o.capacity), "LLMFABRIC_WORKER_ENGINE": o.engine,
+                **({"LLMFABRIC_WORKER_TRITON_URL": tritons[i].grpc, "LLMFABRIC_WORKER_TRITON_MODEL": TRITON_MODEL}
+                   if tritons else {}),
             })
             for i in range(o.workers)
         ]
@@ -95,7 +120,7 @@ class Stack:
             "LLMFABRIC_FRONTEND_HTTP_PORT": str(http_port),
         })
         front.http = f"{o.host}:{http_port}"
-        self.services = [tok, *workers, sched, front]
+        self.services = [tok, *tritons, *workers, sched, front]
 
     # ------------------------------------------------------------ running
     async def start(self, timeout: float = 180.0) -> None:
@@ -104,10 +129,14 @@ class Stack:
         if not self.services:
             self.plan()
         base_env = dict(os.environ)  # the user's LLMFABRIC_* tuning passes through; ours win
-        tiers = [[s for s in self.services if s.kind in ("tokenizer", "worker")],
+        tritons = [s for s in self.services if s.kind == "tritonserve"]
+        tiers = [[s for s in self.services if s.kind in ("tokenizer", "tritonserve")],
+                 [s for s in self.services if s.kind == "worker"],
                  [s for s in self.services if s.kind == "scheduler"],
                  [s for s in self.services if s.kind == "frontend"]]
         try:
+            if not tritons:  # embedded workers load their model alongside the tokenizer
+                tiers[:2] = [tiers[0] + tiers[1]]
             for tier in tiers:
                 for svc in tier:
                     svc.child.start(base_env)  # type: ignore[union-attr]
@@ -124,7 +153,10 @@ class Stack:
         while time.monotonic() < deadline:
             if not svc.child.alive:  # type: ignore[union-attr]
                 raise RuntimeError(f"{svc.name} exited during start; last log lines:\n{svc.child.log_tail()}")  # type: ignore[union-attr]
-            status = await check(svc.grpc, timeout=1.0)
+            if svc.kind == "tritonserve":  # Triton's readiness: the server, then the model
+                status = await asyncio.to_thread(_triton_ready, svc.http)
+            else:
+                status = await check(svc.grpc, timeout=1.0)
             if status == "SERVING":
                 return
             await asyncio.sleep(0.1)
@@ -169,16 +201,26 @@ class Stack:
         state = {
             "edge": f"{self.opts.host}:{self.opts.edge_port}",
             "admin": f"{self.opts.host}:{self.opts.admin_port}",
-            "services": [
-                {"name": s.name, "kind": s.kind, "grpc": s.grpc, "metrics": s.metrics, "http": s.http,
-                 "pid": s.child.proc.pid if s.child and s.child.proc else None}
-                for s in self.services
-            ],
+            "services": [_state(s) for s in self.services if s.kind != "tritonserve"],
+            # not under "services": `llmfabric status` checks grpc.health.v1 there, which Triton does not serve
+            "triton": [_state(s) for s in self.services if s.kind == "tritonserve"],
         }
         (self.state_dir / "stack.json").write_text(json.dumps(state, indent=2))
 
     def get(self, name: str) -> Service:
         return next(s for s in self.services if s.name == name)
+
+
+def _state(s: Service) -> dict:
+    return {"name": s.name, "kind": s.kind, "grpc": s.grpc, "metrics": s.metrics, "http": s.http,
+            "pid": s.child.proc.pid if s.child and s.child.proc else None}
+
+
+def _triton_ready(http: str) -> str:
+    """"SERVING" once Triton reports itself and the model ready, else what it reports."""
+    if not _http_ok(f"http://{http}/v2/health/ready"):
+        return "NOT_READY: /v2/health/ready"
+    return "SERVING" if _http_ok(f"http://{http}/v2/models/{TRITON_MODEL}/ready") else "NOT_READY: model"
 
 
 def _http_ok(url: str) -> bool:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
@@ -10,6 +14,21 @@ from .config import ConfigError, load_config
 from .server import ServiceHost, run_service, serve_until_signalled
 
 T = TypeVar("T")
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """When started by ``llmfabric up`` (LLMFABRIC_PARENT_PID set), get
+    SIGTERM if the launcher dies, even by SIGKILL, so nothing is orphaned."""
+    expected = os.environ.get("LLMFABRIC_PARENT_PID")
+    if not expected:
+        return
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if str(os.getppid()) != expected:  # the launcher died before we armed it
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def config_or_exit(cls: type[T], prefix: str, argv: Sequence[str]) -> T:
@@ -36,6 +55,7 @@ class Service(Protocol):
 def service_main(name: str, cls: type[T], prefix: str, build: Callable[[T], Service], argv: Sequence[str] | None) -> None:
     """The whole ``python -m llmfabric.<service>`` entry: config (fail fast),
     JSON logs, serve until SIGTERM/SIGINT, drain, close."""
+    die_with_parent()
     cfg = config_or_exit(cls, prefix, sys.argv[1:] if argv is None else argv)
 
     async def run() -> None:

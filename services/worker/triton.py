@@ -196,7 +196,7 @@ class TritonEngine:
                 where = f"Triton at {self.cfg.triton_url} failed before the first token"
                 raise _classify(error or exc, where) from None
             text = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            finish, n_in, n_out, deltas = None, None, 0, 0
+            finish, n_in, n_out, deltas = None, None, None, 0
             while True:
                 try:
                     result, error = await asyncio.wait_for(responses.get(), max(deadline - loop.time(), 0.0))
@@ -216,7 +216,7 @@ class TritonEngine:
                 count = _output(result, "num_input_tokens")
                 n_in = int(count.reshape(-1)[0]) if count is not None and count.size else n_in
                 count = _output(result, "num_output_tokens")
-                n_out += int(count.sum()) if count is not None else 0
+                n_out = (n_out or 0) + int(count.sum()) if count is not None else n_out
                 deltas += bool(delta)
                 param = result.get_response().parameters.get("triton_final_response")
                 if param is not None and param.bool_param:
@@ -229,7 +229,7 @@ class TritonEngine:
                 log.warning("Triton counted %d prompt tokens, the request had %d", n_in,
                             len(request.prompt_token_ids), extra={"request": request.request_id})
             usage = Usage(prompt_tokens=n_in if n_in is not None else len(request.prompt_token_ids),
-                          completion_tokens=n_out or deltas)
+                          completion_tokens=n_out if n_out is not None else deltas)
             yield TokenChunk(token_ids=(), text=delta + text.decode(b"", final=True),
                              finish=finish or Finish.STOP, usage=usage)
         finally:
