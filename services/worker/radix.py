@@ -246,15 +246,7 @@ class RadixCache:
         return n
 
     def _leaves(self) -> list[Node]:
-        out: list[Node] = []
-        stack = [child for root in self._roots.values() for child in root.children.values()]
-        while stack:
-            node = stack.pop()
-            if node.children:
-                stack.extend(node.children.values())
-            else:
-                out.append(node)
-        return out
+        return [node for node in self.nodes() if not node.children]
 
     def nodes(self) -> list[Node]:
         """Every non-root node (for checks and tests)."""
