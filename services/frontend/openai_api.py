@@ -22,6 +22,7 @@ from llmfabric.runtime.context import REQUEST_ID_HEADER, new_request_id, request
 from llmfabric.runtime.errors import FabricError, InvalidArgument
 from llmfabric.structs import TokenChunk
 
+from .headers import PRIORITY_HEADER, TENANT_HEADER, priority_from_header
 from .openai_request import OpenAIRequest, parse_chat, parse_completion
 from .pipeline import Pipeline, collect
 
@@ -104,7 +105,10 @@ class OpenAIApi:
                 body = json.loads(raw)
             except (UnicodeDecodeError, ValueError) as exc:
                 raise InvalidArgument("body", f"is not valid JSON: {exc}") from None
-            parsed = parse(body, rid, tenant_id=request.headers.get("x-tenant-id", ""))
+            parsed = parse(
+                body, rid, tenant_id=request.headers.get(TENANT_HEADER, ""),
+                priority=priority_from_header(request.headers.get(PRIORITY_HEADER)),
+            )
             if parsed.stream:
                 return await self._stream(request, parsed, chat)
             text, last = await collect(self.pipeline.run(parsed.input))

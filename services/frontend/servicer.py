@@ -11,17 +11,10 @@ from llmfabric.runtime.context import current_request_id
 from llmfabric.runtime.errors import FabricError
 from llmfabric.structs import Finish, TokenChunk
 
+from .headers import PRIORITY_HEADER, TENANT_HEADER, from_metadata, priority_from_header
 from .pipeline import GenerationInput, Pipeline, collect, message_pairs
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
-TENANT_HEADER = "x-tenant-id"
-
-
-def _tenant(context) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == TENANT_HEADER:
-            return str(value)
-    return ""
 
 
 def _deadline(context) -> float | None:
@@ -41,8 +34,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             prompt=prompt,
             messages=messages,
             sampling=opts.sampling,
-            tenant_id=_tenant(context),
-            priority=opts.priority,
+            tenant_id=from_metadata(context.invocation_metadata(), TENANT_HEADER),
+            priority=opts.priority or priority_from_header(from_metadata(context.invocation_metadata(), PRIORITY_HEADER)),
         )
 
     async def Generate(self, request, context):

@@ -13,19 +13,22 @@ generation on the worker.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 
 from llmfabric.convert import chunk_from_pb, request_to_pb
 from llmfabric.runtime.context import outgoing_metadata
-from llmfabric.runtime.errors import DeadlineExceeded, Unavailable, error_from_rpc
+from llmfabric.runtime.errors import DeadlineExceeded, ResourceExhausted, Unavailable, error_from_rpc
 from llmfabric.structs import TokenChunk, ValidatedRequest
 from llmfabric.worker.v1 import worker_pb2
 
-from .pool import WorkerHandle, WorkerPool
-from .queue import RequestQueue, Waiter
+from .pool import PoolListener, WorkerHandle, WorkerPool
+from .metrics import SchedulerMetrics
+from .queue import LEVEL_NAMES, RequestQueue, Waiter, level_of
 from .router import Router
 
 log = logging.getLogger(__name__)
@@ -34,12 +37,24 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusC
 
 
 class Dispatcher:
-    def __init__(self, pool: WorkerPool, queue: RequestQueue, router: Router, max_retries: int = 1) -> None:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        queue: RequestQueue,
+        router: Router,
+        max_retries: int = 1,
+        priority_caps: dict[str, int] | None = None,
+    ) -> None:
+        self.priority_caps = priority_caps or {}  # tenant ("*" = any) -> highest level it may use
+        self.metrics: SchedulerMetrics | None = None  # set by the server; None in bare unit tests
+        self.policy_name = getattr(router, "policy", type(router).__name__)
         self.pool = pool
         self.queue = queue
         self.router = router
         self.max_retries = max_retries
         pool.on_change = self._dispatch
+        if isinstance(router, PoolListener):  # cache-aware: load reports and departures correct its trees
+            pool.listeners.append(router)
 
     @property
     def running(self) -> int:
@@ -62,9 +77,14 @@ class Dispatcher:
             self.queue.pop()
             if waiter.future.done():
                 continue
-            worker = self.router.pick(candidates, waiter.request)
+            worker = self.router.pick(candidates, waiter.request, self.pool.healthy())
             worker.in_flight += 1
             waiter.future.set_result(worker)
+            if self.metrics is not None:
+                self.metrics.wait.labels(LEVEL_NAMES[waiter.level]).observe(time.monotonic() - waiter.enqueued_at)
+                reason = getattr(self.router, "last_reason", None)
+                self.metrics.routing.labels(str(self.policy_name), getattr(reason, "value", "policy")).inc()
+                self.metrics.in_flight.labels(worker.address).set(worker.in_flight)
         if not self.pool.healthy():
             for waiter in self.queue.drain():
                 if not waiter.future.done():
@@ -72,6 +92,8 @@ class Dispatcher:
 
     def _release(self, worker: WorkerHandle) -> None:
         worker.in_flight -= 1
+        if self.metrics is not None:
+            self.metrics.in_flight.labels(worker.address).set(worker.in_flight)
         self._dispatch()
 
     async def _lease(
@@ -80,7 +102,12 @@ class Dispatcher:
         if not self.pool.healthy():
             raise Unavailable("no healthy worker is available")
         waiter = Waiter(request, asyncio.get_running_loop().create_future(), exclude=exclude)
-        self.queue.push(waiter)
+        try:
+            self.queue.push(waiter)
+        except ResourceExhausted:
+            self._count(request, "rejected")
+            raise
+        self._count(request, "admitted")
         self._dispatch()
         try:
             return await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
@@ -91,11 +118,45 @@ class Dispatcher:
             else:
                 waiter.future.cancel()
             if isinstance(exc, asyncio.TimeoutError):
+                self._count(request, "expired")
                 raise DeadlineExceeded("deadline passed while waiting for a worker") from None
+            self._count(request, "cancelled")
             raise
+
+    def _count(self, request: ValidatedRequest, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.outcome(level_of(request.priority), outcome)
+
+    def _capped(self, request: ValidatedRequest) -> ValidatedRequest:
+        """The request at most at the priority its tenant is allowed."""
+        cap = self.priority_caps.get(request.tenant_id, self.priority_caps.get("*", 1))
+        level = level_of(request.priority)
+        return request if level >= cap else dataclasses.replace(request, priority=cap)
 
     async def submit(self, request: ValidatedRequest, timeout: float | None = None) -> AsyncIterator[tuple[TokenChunk, str]]:
         """Yield (chunk, worker id) pairs until the final chunk."""
+        request = self._capped(request)
+        level = LEVEL_NAMES[level_of(request.priority)]
+        start, first, outcome = time.monotonic(), True, "failed"
+        inner = self._submit(request, timeout)
+        try:
+            async for item in inner:
+                if first and self.metrics is not None:
+                    self.metrics.ttft.labels(level).observe(time.monotonic() - start)
+                first = False
+                yield item
+            outcome = "completed"
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled" if not first else outcome
+            raise
+        finally:
+            await inner.aclose()  # cancels the worker call and frees the slot now, not at garbage collection
+            if self.metrics is not None and not (first and outcome == "failed"):
+                self.metrics.e2e.labels(level).observe(time.monotonic() - start)
+                if not first:  # queue-time outcomes (rejected/expired/cancelled) were counted by _lease
+                    self._count(request, outcome)
+
+    async def _submit(self, request: ValidatedRequest, timeout: float | None) -> AsyncIterator[tuple[TokenChunk, str]]:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         attempts = 0
@@ -112,6 +173,7 @@ class Dispatcher:
                 async for resp in call:
                     started = True
                     yield chunk_from_pb(resp.chunk), worker.id
+                self.pool.mark_ok(worker)  # ends the breaker's failure run
                 return
             except grpc.aio.AioRpcError as err:
                 code = err.code()

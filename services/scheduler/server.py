@@ -8,8 +8,9 @@ from llmfabric.scheduler.v1 import scheduler_pb2_grpc
 from .config import SchedulerConfig
 from .discovery import Discovery, StaticDiscovery
 from .dispatcher import Dispatcher
+from .metrics import SchedulerMetrics
 from .pool import WorkerPool
-from .queue import RequestQueue
+from .queue import QueuePolicy, RequestQueue
 from .router import create_router
 from .servicer import SERVICE_NAME, SchedulerServicer
 
@@ -19,11 +20,26 @@ class SchedulerService:
 
     def __init__(self, cfg: SchedulerConfig, discovery: Discovery | None = None) -> None:
         self.cfg = cfg
-        self.pool = WorkerPool(discovery or StaticDiscovery(cfg.workers), probe_interval=cfg.probe_interval)
+        self.pool = WorkerPool(
+            discovery or StaticDiscovery(cfg.workers), probe_interval=cfg.probe_interval,
+            breaker_failures=cfg.breaker_failures, breaker_cooldown=cfg.breaker_cooldown,
+        )
         self.dispatcher = Dispatcher(
-            self.pool, RequestQueue(cfg.max_waiting), create_router(cfg.routing), max_retries=cfg.max_retries
+            self.pool,
+            RequestQueue(policy=QueuePolicy(
+                max_waiting=cfg.max_waiting, max_waiting_tokens=cfg.max_waiting_tokens, aging_rate=cfg.aging_rate,
+                tenant_weights=cfg.weights(),
+            )),
+            create_router(
+                cfg.routing, cache_threshold=cfg.cache_threshold, balance_abs_threshold=cfg.balance_abs_threshold,
+                balance_rel_threshold=cfg.balance_rel_threshold, tree_tokens=cfg.tree_tokens,
+            ),
+            max_retries=cfg.max_retries,
+            priority_caps=cfg.priority_caps(),
         )
         self.host = ServiceHost("scheduler", cfg)
+        self.dispatcher.metrics = SchedulerMetrics(self.host.registry, self.dispatcher.queue)
+        self.dispatcher.policy_name = cfg.routing
         self.host.add(
             SERVICE_NAME, scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server, SchedulerServicer(self.dispatcher)
         )

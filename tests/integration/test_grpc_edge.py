@@ -152,3 +152,20 @@ async def test_cached_tokens_reported_in_grpc_usage(stub):
     second = await stub.Chat(req, timeout=60)
     assert first.message.content == second.message.content  # same greedy answer, cold or cached
     assert second.usage.cached_tokens == second.usage.prompt_tokens - 1
+
+
+async def test_scheduler_metrics_count_levels_and_routing(stub, stack):
+    import urllib.request
+
+    req = inference_pb2.ChatRequest(
+        messages=[SYSTEM, common_pb2.ChatMessage(role="user", content="Hi")],
+        options=inference_pb2.RequestOptions(sampling=common_pb2.SamplingParams(max_tokens=2),
+                                             priority=common_pb2.PRIORITY_BATCH),
+    )
+    await stub.Chat(req, timeout=60)
+    body = urllib.request.urlopen(f"http://{stack.get('scheduler').metrics}/metrics", timeout=5).read().decode()  # noqa: S310
+    assert 'llmfabric_scheduler_requests_total{level="batch",outcome="admitted"}' in body
+    assert 'llmfabric_scheduler_requests_total{level="batch",outcome="completed"}' in body
+    assert 'llmfabric_scheduler_routing_decisions_total{policy="least_load"' in body
+    assert 'llmfabric_scheduler_queue_wait_seconds_count{level="batch"}' in body
+    assert 'llmfabric_scheduler_time_to_first_token_seconds_count{level="batch"}' in body

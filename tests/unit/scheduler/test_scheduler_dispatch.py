@@ -137,11 +137,11 @@ async def test_full_queue_rejects_at_once_with_retry_hint(cluster):
     assert got == []
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "queue is full" in err.details()
-    assert cluster.trailer(err, RETRY_AFTER_TRAILER) == "1000"
+    assert int(cluster.trailer(err, RETRY_AFTER_TRAILER)) > 0
     assert isinstance(cluster.trailer(err, ERROR_TRAILER), bytes)
     info = cluster.error_info(err)
     assert info.code == "RESOURCE_EXHAUSTED"
-    assert info.retry_after_ms == 1000
+    assert info.retry_after_ms > 0
     assert (await sched.status()).queued == 1  # the rejected one did not take a place
 
     gate.set()

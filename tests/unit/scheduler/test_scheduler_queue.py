@@ -102,10 +102,13 @@ async def test_bound_rejects_with_resource_exhausted_and_retry_hint():
     q.push(_waiter("a"))
     q.push(_waiter("b"))
     with pytest.raises(ResourceExhausted) as exc_info:
-        q.push(_waiter("c", CRITICAL))  # priority does not bypass the bound
+        q.push(_waiter("c"))
     assert exc_info.value.retry_after_ms > 0
-    assert "full" in exc_info.value.message
+    assert "full" in exc_info.value.message and "interactive" in exc_info.value.message
     assert len(q) == 2
+    q.push(_waiter("crit", CRITICAL))  # the bound is per level: a critical request still gets in
+    assert len(q) == 3
+    assert q.pop().request.request_id == "crit"
     q.pop()
     q.push(_waiter("c"))  # room after a pop
     assert len(q) == 2
