@@ -21,6 +21,9 @@ class SchedulerConfig(ServerSettings):
     balance_abs_threshold: int = setting(2, help="cache_aware: in-flight gap (max - min) that counts as imbalance ...")
     balance_rel_threshold: float = setting(1.5, help="cache_aware: ... together with max > min x this ratio")
     tree_tokens: int = setting(65536, help="cache_aware: tokens remembered per worker when its KV size is unknown")
+    reserved_slots: int = setting(
+        1, help="slots per worker batch/background requests may not use (kept for interactive/critical; 0 = none)"
+    )
     breaker_failures: int = setting(3, help="consecutive call failures that open a worker's circuit breaker")
     breaker_cooldown: float = setting(5.0, help="seconds a breaker stays open before one trial request")
     max_waiting: int = setting(256, help="requests allowed to wait per priority level before RESOURCE_EXHAUSTED")
@@ -53,6 +56,8 @@ class SchedulerConfig(ServerSettings):
             raise ConfigError(f"{PREFIX}BALANCE_ABS_THRESHOLD must be >= 0 and {PREFIX}BALANCE_REL_THRESHOLD >= 1")
         if self.tree_tokens < 1 or self.breaker_failures < 1 or self.breaker_cooldown < 0:
             raise ConfigError(f"{PREFIX}TREE_TOKENS and {PREFIX}BREAKER_FAILURES must be >= 1, {PREFIX}BREAKER_COOLDOWN >= 0")
+        if self.reserved_slots < 0:
+            raise ConfigError(f"{PREFIX}RESERVED_SLOTS={self.reserved_slots}: must be >= 0")
         if self.max_waiting_tokens < 1:
             raise ConfigError(f"{PREFIX}MAX_WAITING_TOKENS={self.max_waiting_tokens}: must be at least 1")
         if self.aging_rate < 0:

@@ -33,6 +33,7 @@ from .router import Router
 
 log = logging.getLogger(__name__)
 
+BATCH_LEVEL = 3  # common.v1.PRIORITY_BATCH: this level and below leave reserved slots free
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 
 
@@ -44,7 +45,12 @@ class Dispatcher:
         router: Router,
         max_retries: int = 1,
         priority_caps: dict[str, int] | None = None,
+        reserved_slots: int = 1,
     ) -> None:
+        # slots per worker that batch/background requests may not take, so an
+        # interactive or critical request finds a free slot even under a batch
+        # flood (running sequences are not preempted)
+        self.reserved_slots = reserved_slots
         self.priority_caps = priority_caps or {}  # tenant ("*" = any) -> highest level it may use
         self.metrics: SchedulerMetrics | None = None  # set by the server; None in bare unit tests
         self.policy_name = getattr(router, "policy", type(router).__name__)
@@ -69,6 +75,10 @@ class Dispatcher:
             waiter = self.queue.peek()
             if waiter is None:
                 break
+            if waiter.level >= BATCH_LEVEL and self.reserved_slots:
+                candidates = [w for w in candidates if w.in_flight < max(w.capacity - self.reserved_slots, 1)]
+                if not candidates:
+                    break  # only reserved slots are free: they wait for interactive work
             if waiter.exclude:
                 others = [w for w in candidates if w not in waiter.exclude]
                 if not others and any(w not in waiter.exclude for w in self.pool.healthy()):

@@ -36,6 +36,7 @@ class SchedulerService:
             ),
             max_retries=cfg.max_retries,
             priority_caps=cfg.priority_caps(),
+            reserved_slots=cfg.reserved_slots,
         )
         self.host = ServiceHost("scheduler", cfg)
         self.dispatcher.metrics = SchedulerMetrics(self.host.registry, self.dispatcher.queue)

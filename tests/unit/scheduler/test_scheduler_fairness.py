@@ -142,3 +142,61 @@ def test_bad_priority_header_names_it(value):
     with pytest.raises(InvalidArgument) as info:
         priority_from_header(value)
     assert info.value.field == "x-priority"
+
+
+class _Pool:
+    """The slice of WorkerPool the dispatcher's slot logic uses."""
+
+    def __init__(self, workers) -> None:
+        self.workers = {w.address: w for w in workers}
+        self.on_change = lambda: None
+
+    def available(self):
+        return [w for w in self.workers.values() if w.has_slot]
+
+    def healthy(self):
+        return [w for w in self.workers.values() if w.healthy]
+
+    def add_listener(self, listener) -> None:  # pragma: no cover - routers may register
+        pass
+
+
+def _worker(address: str, capacity: int):
+    from llmfabric.scheduler.pool import WorkerHandle
+
+    return WorkerHandle(address=address, channel=None, stub=None, id=address, capacity=capacity, healthy=True)
+
+
+async def test_batch_leaves_reserved_slots_for_interactive():
+    from llmfabric.scheduler.router import create_router
+
+    w = _worker("w:1", capacity=3)
+    d = Dispatcher(_Pool([w]), RequestQueue(policy=QueuePolicy(aging_rate=0)), create_router("least_load"), reserved_slots=1)
+    batch = [waiter(f"b{i}", BATCH) for i in range(3)]
+    for b in batch:
+        d.queue.push(b)
+    d._dispatch()
+    assert [b.future.done() for b in batch] == [True, True, False]  # the third slot stays free
+    inter = waiter("i", INTERACTIVE)
+    d.queue.push(inter)
+    d._dispatch()
+    assert inter.future.done() and inter.future.result() is w  # ... and an interactive request gets it at once
+    assert w.in_flight == 3
+
+
+async def test_no_reservation_when_disabled_or_capacity_one():
+    from llmfabric.scheduler.router import create_router
+
+    one = _worker("w:1", capacity=1)
+    d = Dispatcher(_Pool([one]), RequestQueue(), create_router("least_load"), reserved_slots=1)
+    b = waiter("b", BATCH)
+    d.queue.push(b)
+    d._dispatch()
+    assert b.future.done()  # a 1-slot worker is never fully reserved
+    three = _worker("w:2", capacity=3)
+    d = Dispatcher(_Pool([three]), RequestQueue(), create_router("least_load"), reserved_slots=0)
+    bs = [waiter(f"b{i}", BATCH) for i in range(3)]
+    for x in bs:
+        d.queue.push(x)
+    d._dispatch()
+    assert all(x.future.done() for x in bs)
