@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
-from collections.abc import Callable
 
 import grpc
 import pytest
+
+from fabric_testing import eventually  # tests/ is on sys.path (tests/conftest.py)
 
 from llmfabric.common.v1 import common_pb2
 from llmfabric.runtime.errors import info_from_trailers
@@ -37,19 +37,6 @@ from llmfabric.worker.server import create_server as create_worker
 
 # ------------------------------------------------------------------ helpers
 
-
-async def eventually(predicate: Callable[[], object], timeout: float = 5.0, what: str = "") -> None:
-    """Poll ``predicate`` until true; fail (never hang) after ``timeout``."""
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > end:
-            raise AssertionError(f"condition not reached within {timeout}s: {what or predicate}")
-        await asyncio.sleep(0.01)
 
 
 # ------------------------------------------------------------------ fake engine

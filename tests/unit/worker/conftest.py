@@ -12,33 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
-from collections.abc import Callable
 
 import grpc
 import pytest
+
+from fabric_testing import ENGINE_THREADS, eventually  # tests/ is on sys.path (tests/conftest.py)
 
 from llmfabric.common.v1 import common_pb2
 from llmfabric.models.catalog import ModelNotInstalled, default_model
 from llmfabric.structs import Finish, Sampling, TokenChunk, Usage, ValidatedRequest
 from llmfabric.worker.config import WorkerConfig
 from llmfabric.worker.engine import EngineInfo, EngineKind, EngineLoad
+from llmfabric.worker.embedded import EmbeddedEngine
 from llmfabric.worker.server import create_server
 from llmfabric.worker.v1 import worker_pb2, worker_pb2_grpc
 
 
-async def eventually(predicate: Callable[[], object], timeout: float = 5.0, what: str = "") -> None:
-    """Poll ``predicate`` until true; fail (never hang) after ``timeout``."""
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > end:
-            raise AssertionError(f"condition not reached within {timeout}s: {what or predicate}")
-        await asyncio.sleep(0.01)
+
 
 
 # ------------------------------------------------------------------ fake engine
@@ -233,3 +223,35 @@ def make_request(model_spec, vocab, preparer):
         return ValidatedRequest(rid, model_spec.name, tuple(ids), sampling)
 
     return build
+
+
+# ------------------------------------------------------------------ the real embedded engine
+
+
+
+@pytest.fixture(scope="module")
+async def engine(model_spec):
+    eng = EmbeddedEngine(model_spec, context_length=512, capacity=2, **ENGINE_THREADS)
+    await eng.start()
+    yield eng
+    await eng.stop()
+
+
+@pytest.fixture
+async def fresh_engine(model_spec):
+    """``await fresh_engine(**kw)``: a private engine, stopped at teardown."""
+    made: list[EmbeddedEngine] = []
+
+    async def make(**kw) -> EmbeddedEngine:
+        kw.setdefault("context_length", 512)
+        kw.setdefault("capacity", 1)
+        for k, v in ENGINE_THREADS.items():
+            kw.setdefault(k, v)
+        eng = EmbeddedEngine(model_spec, **kw)
+        await eng.start()
+        made.append(eng)
+        return eng
+
+    yield make
+    for eng in made:
+        await eng.stop()

@@ -11,6 +11,7 @@ import asyncio
 
 import grpc
 import pytest
+from fabric_testing import GENERATION_TIMEOUT as TIMEOUT, ENGINE_THREADS, ids_of, run, text_of  # tests/ is on sys.path (tests/conftest.py)
 
 from llmfabric.common.v1 import common_pb2
 from llmfabric.convert import request_to_pb
@@ -19,57 +20,8 @@ from llmfabric.structs import Finish
 from llmfabric.worker.embedded import EmbeddedEngine
 from llmfabric.worker.v1 import worker_pb2
 
-TIMEOUT = 60.0  # bound on any single generation: a hang fails, never blocks the run
 
 
-# n_threads_batch=1: with 2 threads on this 2-core machine, any multi-token
-# llama_decode (prefill, or one decode step of 2+ sequences) stalls for up to
-# seconds whenever another process competes for the CPU (ggml's thread
-# barrier); results are the same, only the wall time is not.
-THREADS = {"n_threads": 1, "n_threads_batch": 1}
-
-
-@pytest.fixture(scope="module")
-async def engine(model_spec):
-    eng = EmbeddedEngine(model_spec, context_length=512, capacity=2, **THREADS)
-    await eng.start()
-    yield eng
-    await eng.stop()
-
-
-@pytest.fixture
-async def fresh_engine(model_spec):
-    """``await fresh_engine(**kw)``: a private engine, stopped at teardown."""
-    made: list[EmbeddedEngine] = []
-
-    async def make(**kw) -> EmbeddedEngine:
-        kw.setdefault("context_length", 512)
-        kw.setdefault("capacity", 1)
-        for k, v in THREADS.items():
-            kw.setdefault(k, v)
-        eng = EmbeddedEngine(model_spec, **kw)
-        await eng.start()
-        made.append(eng)
-        return eng
-
-    yield make
-    for eng in made:
-        await eng.stop()
-
-
-async def run(engine, request) -> list:
-    async def collect():
-        return [c async for c in engine.generate(request)]
-
-    return await asyncio.wait_for(collect(), TIMEOUT)
-
-
-def text_of(chunks) -> str:
-    return "".join(c.text for c in chunks)
-
-
-def ids_of(chunks) -> list[int]:
-    return [t for c in chunks for t in c.token_ids]
 
 
 async def idle(engine, wait_until) -> None:
@@ -392,7 +344,7 @@ async def test_generate_after_stop_is_unavailable(fresh_engine, make_request):
 
 
 async def test_generate_before_start_is_unavailable(model_spec, make_request):
-    eng = EmbeddedEngine(model_spec, context_length=512, capacity=1, **THREADS)
+    eng = EmbeddedEngine(model_spec, context_length=512, capacity=1, **ENGINE_THREADS)
     with pytest.raises(Unavailable):
         await eng.generate(make_request("early", text="1, 2,", max_tokens=2)).__anext__()
 

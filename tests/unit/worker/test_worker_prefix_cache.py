@@ -24,13 +24,11 @@ import time
 
 import llama_cpp
 import pytest
+from fabric_testing import GENERATION_TIMEOUT as TIMEOUT, ids_of, run  # tests/ is on sys.path (tests/conftest.py)
 
 from llmfabric.structs import Finish
-from llmfabric.worker.embedded import EmbeddedEngine
 
-TIMEOUT = 60.0  # bound on any single generation: a hang fails, never blocks the run
 # see test_worker_embedded.py: 2 batch threads stall on this 2-core machine
-THREADS = {"n_threads": 1, "n_threads_batch": 1}
 
 # Prompts with a wide-margin greedy continuation (see test_worker_embedded.py).
 COUNT = "1, 2, 3, 4, 5, 6,"
@@ -42,45 +40,6 @@ MOON = "Write a short poem about the moon."
 
 
 # ------------------------------------------------------------------ fixtures and helpers
-
-
-@pytest.fixture(scope="module")
-async def engine(model_spec):
-    eng = EmbeddedEngine(model_spec, context_length=512, capacity=2, **THREADS)
-    await eng.start()
-    yield eng
-    await eng.stop()
-
-
-@pytest.fixture
-async def fresh_engine(model_spec):
-    """``await fresh_engine(**kw)``: a private engine, stopped at teardown."""
-    made: list[EmbeddedEngine] = []
-
-    async def make(**kw) -> EmbeddedEngine:
-        kw.setdefault("context_length", 512)
-        kw.setdefault("capacity", 2)
-        for k, v in THREADS.items():
-            kw.setdefault(k, v)
-        eng = EmbeddedEngine(model_spec, **kw)
-        await eng.start()
-        made.append(eng)
-        return eng
-
-    yield make
-    for eng in made:
-        await eng.stop()
-
-
-async def run(engine, request) -> list:
-    async def collect():
-        return [c async for c in engine.generate(request)]
-
-    return await asyncio.wait_for(collect(), TIMEOUT)
-
-
-def ids_of(chunks) -> list[int]:
-    return [t for c in chunks for t in c.token_ids]
 
 
 def usage(chunks):

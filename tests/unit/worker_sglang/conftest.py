@@ -10,12 +10,10 @@ until true and fails, never hangs, after a generous timeout.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import dataclasses
 import pathlib
 import sys
-import time
-from collections.abc import Callable
 
 import grpc
 import pytest
@@ -25,6 +23,8 @@ if str(FAKES) not in sys.path:
     sys.path.insert(0, str(FAKES))
 
 from sglang_server import FakeSGLang  # noqa: E402
+
+from fabric_testing import eventually  # tests/ is on sys.path (tests/conftest.py)
 
 from llmfabric.worker.config import WorkerConfig  # noqa: E402
 from llmfabric.worker.server import WorkerService, create_server  # noqa: E402
@@ -77,17 +77,7 @@ async def worker():
         await w.svc.close()
 
 
-async def _eventually(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > end:
-            raise AssertionError(f"condition not reached within {timeout}s: {what or predicate}")
-        await asyncio.sleep(0.02)
+_eventually = functools.partial(eventually, timeout=10.0, interval=0.02)
 
 
 @pytest.fixture

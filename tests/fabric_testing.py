@@ -1,0 +1,46 @@
+"""Helpers shared by the test suites (tests/ is on sys.path via tests/conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+GENERATION_TIMEOUT = 60.0  # bound on any single generation: a hang fails, never blocks the run
+
+# n_threads_batch=1 in engine tests: with 2 threads on a 2-core machine, any
+# multi-token llama_decode stalls for up to seconds whenever another process
+# competes for the CPU (ggml's thread barrier); results are the same, only
+# the wall time is not.
+ENGINE_THREADS = {"n_threads": 1, "n_threads_batch": 1}
+
+
+async def eventually(predicate: Callable[[], object], timeout: float = 5.0, what: str = "", interval: float = 0.01) -> None:
+    """Poll ``predicate`` (sync or async) until true; fail (never hang) after ``timeout``."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > end:
+            raise AssertionError(f"condition not reached within {timeout}s: {what or predicate}")
+        await asyncio.sleep(interval)
+
+
+async def run(engine, request) -> list:
+    """Every chunk an engine yields for ``request`` (bounded by GENERATION_TIMEOUT)."""
+
+    async def collect():
+        return [c async for c in engine.generate(request)]
+
+    return await asyncio.wait_for(collect(), GENERATION_TIMEOUT)
+
+
+def text_of(chunks) -> str:
+    return "".join(c.text for c in chunks)
+
+
+def ids_of(chunks) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
