@@ -135,17 +135,10 @@ class RadixCache:
         node = self.root(namespace)
         now = next(self._clock)
         depth = 0
-        while depth < len(key):
-            child = node.children.get(key[depth])
-            if child is None:
-                break
-            n = _common(child.key, key[depth:])
-            if n < len(child.key):
-                child = self._split(child, n)
-            child.last_access = now
+        while depth < len(key) and (child := self._descend(node, key, depth, now)) is not None:
             child.hits += 1
+            depth += len(child.key)
             node = child
-            depth += n
         return Match(node, depth)
 
     # ------------------------------------------------------------- updates
@@ -157,19 +150,15 @@ class RadixCache:
         now = next(self._clock)
         depth = 0
         while depth < len(key):
-            child = node.children.get(key[depth])
+            child = self._descend(node, key, depth, now)
             if child is None:
                 leaf = Node(key=tuple(key[depth:]), start=depth, value=value, parent=node, last_access=now)
                 node.children[key[depth]] = leaf
                 self.total_tokens += len(leaf.key)
                 self._value_refs[value] = self._value_refs.get(value, 0) + 1
                 return depth
-            n = _common(child.key, key[depth:])
-            if n < len(child.key):
-                child = self._split(child, n)
-            child.last_access = now
+            depth += len(child.key)
             node = child
-            depth += n
         return depth
 
     def lock(self, node: Node) -> None:
@@ -210,6 +199,18 @@ class RadixCache:
         return self.evict(self.total_tokens + 1)
 
     # ------------------------------------------------------------- internals
+    def _descend(self, node: Node, key: Sequence[int], depth: int, now: int) -> Node | None:
+        """The child of ``node`` matching ``key[depth:]``, split so the whole
+        edge matches; None when no child starts with ``key[depth]``."""
+        child = node.children.get(key[depth])
+        if child is None:
+            return None
+        n = _common(child.key, key[depth:])
+        if n < len(child.key):
+            child = self._split(child, n)
+        child.last_access = now
+        return child
+
     def _split(self, node: Node, at: int) -> Node:
         """Split ``node`` after ``at`` tokens; returns the new upper part
         (same value: the cells do not move)."""
