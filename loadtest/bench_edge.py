@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
-from statistics import median, quantiles
+from statistics import median
 
 import aiohttp
 import grpc
@@ -55,6 +55,8 @@ from llmfabric.common.v1 import common_pb2
 from llmfabric.inference.v1 import inference_pb2, inference_pb2_grpc
 from llmfabric.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from llmfabric.worker.v1 import worker_pb2, worker_pb2_grpc
+
+from benchlib import pct, save  # loadtest/ is on sys.path when run as a script
 
 SYSTEM = "You are a helpful assistant."
 USER = "Name three colors."
@@ -177,10 +179,6 @@ async def measure(path: str, rnd: int, events: Callable[[str], AsyncIterator[Eve
     return Sample(path, rnd, (t_first - t0) * 1e3, (t_end - t0) * 1e3, tps, tokens, "".join(parts))
 
 
-def p90(values: list[float]) -> float:
-    return quantiles(values, n=10, method="inclusive")[-1] if len(values) > 1 else values[0]
-
-
 def summarize(samples: list[Sample]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for p in PATHS:
@@ -188,7 +186,7 @@ def summarize(samples: list[Sample]) -> dict[str, dict]:
         tps = [x.decode_tps for x in s if x.decode_tps is not None]
         out[p] = {
             "name": PATHS[p], "n": len(s),
-            "ttft_p50_ms": median(x.ttft_ms for x in s), "ttft_p90_ms": p90([x.ttft_ms for x in s]),
+            "ttft_p50_ms": median(x.ttft_ms for x in s), "ttft_p90_ms": pct([x.ttft_ms for x in s], 90),
             "ttft_min_ms": min(x.ttft_ms for x in s),
             "decode_tps_p50": median(tps) if tps else None, "total_p50_ms": median(x.total_ms for x in s),
             "completion_tokens": sorted({x.completion_tokens for x in s}),
@@ -290,8 +288,7 @@ def main() -> None:
     print(f"completion tokens per path: {result['completion_tokens']} -> "
           f"{'match' if result['tokens_match'] else 'MISMATCH'}; texts "
           f"{'identical' if result['texts_match'] else 'DIFFER'}: {result['samples'][0]['text']!r}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    save(result, args.out)
     print(f"raw samples and summary: {args.out}")
 
 

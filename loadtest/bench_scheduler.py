@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
-import argparse, asyncio, contextlib, json, os, pathlib, platform, random, shutil, sys, tempfile, time, urllib.request  # noqa: E401
-from statistics import median, quantiles
+import argparse, asyncio, contextlib, os, pathlib, platform, random, shutil, sys, tempfile, time, urllib.request  # noqa: E401
+from statistics import median
 
 import grpc
 
@@ -27,6 +27,8 @@ from llmfabric.worker.config import WorkerConfig
 from llmfabric.worker.engine import EngineInfo, EngineKind, EngineLoad
 from llmfabric.worker.server import create_server as create_worker
 from llmfabric.worker.v1 import worker_pb2, worker_pb2_grpc
+
+from benchlib import pct, save, table  # loadtest/ is on sys.path when run as a script
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "bench_scheduler.json"
 BARS = {"priority_p99_ratio_max": 1.5, "cache_aware_throughput_ratio_min": 1.5}
@@ -56,10 +58,6 @@ RULES = ("Rules: 1. Be friendly, calm and professional; address the customer dir
 def system_prompt(company: str) -> str:  # ~320 tokens with the chat template, distinct from the first word
     return f"{company} customer assistant. You answer questions from customers of {company}. {RULES}9. Close every " \
            f"answer by asking whether {company} can help with anything else today."
-
-
-def pct(xs: list[float], q: int) -> float:
-    return quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
 
 
 class ZeroEngine:
@@ -265,13 +263,6 @@ async def part3(args) -> dict:
     return {"summary": s, "runs": runs, "workload": [n for n, _ in reqs], "env": env}
 
 
-def table(head: list[str], rows: list[list]) -> None:
-    cells = [head] + [[f"{c:.1f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
-    w = [max(len(r[i]) for r in cells) for i in range(len(head))]
-    for r in cells[:1] + [["-" * x for x in w]] + cells[1:]:
-        print(r[0].ljust(w[0]) + "".join(c.rjust(x + 2) for c, x in zip(r[1:], w[1:])))
-
-
 def report(res: dict) -> None:
     ok, m, a = {True: "PASS", False: "FAIL"}, res["machine"], res["args"]
     print(f"\nllmfabric scheduler benchmark; {m['nproc']} cpus, load avg {m['loadavg_before'][0]:.2f} -> "
@@ -331,8 +322,7 @@ def main() -> None:
     args.p3_tokens, args.concurrency, args.p3_rounds = 16, 4, 1 if q else 2
     res = asyncio.run(run(args))
     report(res)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
+    save(res, args.out)
     print(f"raw samples and summary: {args.out}")
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import pathlib
 import platform
@@ -28,6 +27,8 @@ from llmfabric.structs import Sampling, ValidatedRequest
 from llmfabric.tokenizer.prepare import Preparer
 from llmfabric.tokenizer.validation import Limits
 from llmfabric.worker.embedded import EmbeddedEngine
+
+from benchlib import save, table  # loadtest/ is on sys.path when run as a script
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "bench_worker.json"
 CTX, CAPACITY = 2048, 8  # tokens per sequence (the worker's default), sequences per batch
@@ -213,13 +214,6 @@ def summarize_b(b1: list[dict], b2: list[dict]) -> dict:
     return {"B1": s1, "B2": s2}
 
 
-def table(head: list[str], rows: list[list]) -> None:
-    cells = [head] + [[f"{c:.1f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
-    w = [max(len(r[i]) for r in cells) for i in range(len(head))]
-    for r in cells[:1] + [["-" * x for x in w]] + cells[1:]:
-        print(r[0].ljust(w[0]) + "".join(c.rjust(x + 2) for c, x in zip(r[1:], w[1:])))
-
-
 def report(res: dict) -> None:
     m, g, a, s1, s2 = res["machine"], res["args"], res["summary"]["A"], res["summary"]["B1"], res["summary"]["B2"]
     ok = {True: "PASS", False: "FAIL"}
@@ -293,8 +287,7 @@ def main() -> None:
     args.b2_conversations, args.b2_turns, args.b2_max_tokens = (1, 4, 32) if args.quick else (1, 8, 48)
     result = asyncio.run(run(args))
     report(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    save(result, args.out)
     print(f"elapsed {result['elapsed_s']:.0f} s; raw samples and summary: {args.out}")
 
 
