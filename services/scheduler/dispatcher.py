@@ -148,7 +148,8 @@ class Dispatcher:
         request = self._capped(request)
         level = LEVEL_NAMES[level_of(request.priority)]
         start, first, outcome = time.monotonic(), True, "failed"
-        inner = self._submit(request, timeout)
+        dispatched: list[bool] = []  # set once a worker slot was leased (queue-time outcomes are _lease's)
+        inner = self._submit(request, timeout, dispatched)
         try:
             async for item in inner:
                 if first and self.metrics is not None:
@@ -157,22 +158,24 @@ class Dispatcher:
                 yield item
             outcome = "completed"
         except (asyncio.CancelledError, GeneratorExit):
-            outcome = "cancelled" if not first else outcome
+            outcome = "cancelled"
             raise
         finally:
             await inner.aclose()  # cancels the worker call and frees the slot now, not at garbage collection
-            if self.metrics is not None and not (first and outcome == "failed"):
+            if self.metrics is not None and dispatched:
                 self.metrics.e2e.labels(level).observe(time.monotonic() - start)
-                if not first:  # queue-time outcomes (rejected/expired/cancelled) were counted by _lease
-                    self._count(request, outcome)
+                self._count(request, outcome)
 
-    async def _submit(self, request: ValidatedRequest, timeout: float | None) -> AsyncIterator[tuple[TokenChunk, str]]:
+    async def _submit(
+        self, request: ValidatedRequest, timeout: float | None, dispatched: list[bool]
+    ) -> AsyncIterator[tuple[TokenChunk, str]]:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         attempts = 0
         failed: frozenset = frozenset()
         while True:
             worker = await self._lease(request, None if deadline is None else deadline - loop.time(), failed)
+            dispatched.append(True)
             started = False
             call = worker.stub.Generate(
                 worker_pb2.GenerateRequest(request=request_to_pb(request)),
