@@ -33,6 +33,20 @@ class Sampling:
     repetition_penalty: float = 1.0  # 1.0 = disabled
 
 
+LEVEL_NAMES = {1: "critical", 2: "interactive", 3: "batch", 4: "background"}  # common.v1.Priority values
+DEFAULT_LEVEL = 2  # UNSPECIFIED (0) and unknown values count as INTERACTIVE
+
+
+def level_of(priority: int) -> int:
+    """The priority level a request's ``priority`` field means."""
+    return priority if priority in LEVEL_NAMES else DEFAULT_LEVEL
+
+
+def latency_sensitive(priority: int) -> bool:
+    """Critical and interactive work: served first by the scheduler and allowed to preempt batch work in an engine."""
+    return level_of(priority) <= DEFAULT_LEVEL
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ValidatedRequest:
     """Output of the tokenizer: checked, templated, tokenized."""

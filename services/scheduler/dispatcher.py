@@ -23,12 +23,12 @@ import grpc
 from llmfabric.convert import chunk_from_pb, request_to_pb
 from llmfabric.runtime.context import outgoing_metadata
 from llmfabric.runtime.errors import DeadlineExceeded, ResourceExhausted, Unavailable, error_from_rpc
-from llmfabric.structs import TokenChunk, ValidatedRequest
+from llmfabric.structs import LEVEL_NAMES, TokenChunk, ValidatedRequest, level_of
 from llmfabric.worker.v1 import worker_pb2
 
 from .pool import PoolListener, WorkerHandle, WorkerPool
 from .metrics import SchedulerMetrics
-from .queue import LEVEL_NAMES, RequestQueue, Waiter, level_of
+from .queue import RequestQueue, Waiter
 from .router import Router
 
 log = logging.getLogger(__name__)

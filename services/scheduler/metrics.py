@@ -5,8 +5,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from llmfabric.runtime.metrics import LATENCY_BUCKETS
+from llmfabric.structs import LEVEL_NAMES
 
-from .queue import LEVEL_NAMES, RequestQueue
+from .queue import RequestQueue
 
 
 class SchedulerMetrics:

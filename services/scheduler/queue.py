@@ -26,15 +26,9 @@ import dataclasses
 import time
 
 from llmfabric.runtime.errors import ResourceExhausted
-from llmfabric.structs import ValidatedRequest
+from llmfabric.structs import LEVEL_NAMES, ValidatedRequest, level_of
 
 LEVELS = (1, 2, 3, 4)  # common.v1.Priority: CRITICAL, INTERACTIVE, BATCH, BACKGROUND
-LEVEL_NAMES = {1: "critical", 2: "interactive", 3: "batch", 4: "background"}
-DEFAULT_LEVEL = 2  # UNSPECIFIED (0) and unknown values count as INTERACTIVE
-
-
-def level_of(priority: int) -> int:
-    return priority if priority in LEVEL_NAMES else DEFAULT_LEVEL
 
 
 @dataclasses.dataclass(slots=True, eq=False)

@@ -34,6 +34,9 @@ class WorkerConfig(ServerSettings):
     cache_seqs: int = setting(
         64, help="llama.cpp sequence ids reserved to hold cached prefixes (the tree's branches); capacity + this <= 256"
     )
+    preempt: bool = setting(
+        True, help="engine=embedded: critical/interactive requests abort a batch-only decode step in flight and prefill alone"
+    )
     sglang_url: str = setting("http://127.0.0.1:30000", help="engine=sglang: base URL of the SGLang server")
     triton_url: str = setting("127.0.0.1:8001", help="engine=triton: host:port of Triton's gRPC endpoint")
     triton_model: str = setting("llmfabric_llm", help="engine=triton: decoupled model name (vLLM backend tensor names)")

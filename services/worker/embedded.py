@@ -8,6 +8,8 @@ decoding sequence and a prompt chunk (at most ``prefill_chunk`` tokens) for
 every prefilling one — so a long prompt joins without stalling running
 streams —, sample per sequence with its own sampler chain, stream text out,
 and hand finished or cancelled sequences' cells to the prefix cache at once.
+Critical/interactive requests preempt batch work (``preempt.py``): they
+abort a batch-only step in flight, are admitted first and prefill alone.
 ctypes releases the GIL during ``llama_decode``, so the asyncio loop stays
 responsive.
 """
@@ -28,10 +30,11 @@ from llmfabric.models.detok import IncrementalDetokenizer, StopMatcher
 from llmfabric.models.gguf import GgufModel
 from llmfabric.models.requant import requantized
 from llmfabric.runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
-from llmfabric.structs import Finish, TokenChunk, ValidatedRequest
+from llmfabric.structs import Finish, TokenChunk, ValidatedRequest, latency_sensitive
 
 from .engine import EngineInfo, EngineKind, EngineLoad
 from .kvcache import SequenceSlots
+from .preempt import Preemption
 from .sampler import build_sampler, free_sampler
 from .sequence import Sequence
 
@@ -55,6 +58,7 @@ class EmbeddedEngine:
         prefill_chunk: int = 128,
         prefix_cache: bool = True,
         cache_seqs: int = 64,
+        preempt: bool = True,
     ) -> None:
         self.spec = spec
         self.info = EngineInfo(EngineKind.EMBEDDED, spec.name, context_length, capacity)
@@ -66,6 +70,8 @@ class EmbeddedEngine:
         self.prefill_chunk = prefill_chunk
         self.prefix_cache = prefix_cache
         self.cache_seqs = cache_seqs
+        self.preempt = preempt
+        self._preemption: Preemption | None = None
         self.slots: SequenceSlots | None = None
         self.model: GgufModel | None = None
         self._ctx = None
@@ -100,6 +106,7 @@ class EmbeddedEngine:
             raise RuntimeError("llama.cpp could not create a context")
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, p.n_seq_max)
+        self._preemption = Preemption(self._ctx, self.preempt)
         self.slots = SequenceSlots(
             self._mem, n_ctx=p.n_ctx, capacity=self.info.capacity, cache_seqs=self.cache_seqs, enabled=self.prefix_cache
         )
@@ -146,6 +153,8 @@ class EmbeddedEngine:
             stops=StopMatcher(request.sampling.stop),
         )
         self._inbox.put(seq)
+        if latency_sensitive(request.priority) and self._preemption is not None:
+            self._preemption.request()
         done = False
         try:
             while True:
@@ -175,6 +184,11 @@ class EmbeddedEngine:
             evictions_total=slots.tree.evictions if slots is not None else 0,
         )
 
+    @property
+    def preempted_steps(self) -> int:
+        """Batch-only steps aborted for latency-sensitive arrivals since start."""
+        return self._preemption.preempted if self._preemption is not None else 0
+
     async def flush_cache(self) -> int:
         """Drop every cached prefix no running request uses (runs on the engine thread)."""
         if self._thread is None or not self._thread.is_alive() or self._stop.is_set():
@@ -187,6 +201,7 @@ class EmbeddedEngine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
+                self._preemption.clear()  # arrivals from here on are seen by this iteration or abort its step
                 self._drain_inbox(block=not self._running and not self._waiting)
                 self._reap()
                 self._admit()
@@ -229,10 +244,10 @@ class EmbeddedEngine:
 
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.info.capacity:
-            seq = self._waiting[0]
+            seq = next((s for s in self._waiting if latency_sensitive(s.request.priority)), self._waiting[0])
             if not self.slots.acquire(seq):
                 break
-            self._waiting.popleft()
+            self._waiting.remove(seq)
             seq.sampler = build_sampler(seq.request.sampling)
             self._prompt_total += len(seq.prompt)
             self._running.append(seq)
@@ -245,14 +260,18 @@ class EmbeddedEngine:
             seq.finish(Finish.CANCELLED, (), "")
 
     def _step(self) -> None:
-        """One llama_decode over every running sequence."""
+        """One llama_decode over every running sequence (only the latency-sensitive ones while one of them prefills)."""
         batch, n = self._batch, 0
         sample_at: list[tuple[Sequence, int]] = []
-        decoding = sum(1 for s in self._running if not s.prefilling)
+        taken: list[tuple[Sequence, int]] = []
+        active = self._running
+        if any(s.prefilling and latency_sensitive(s.request.priority) for s in active):
+            active = [s for s in active if latency_sensitive(s.request.priority)]
+        decoding = sum(1 for s in active if not s.prefilling)
         budget = self.n_batch - decoding
-        prefill = sum(min(len(s.prompt) - s.n_past, self.prefill_chunk) for s in self._running if s.prefilling)
+        prefill = sum(min(len(s.prompt) - s.n_past, self.prefill_chunk) for s in active if s.prefilling)
         self.slots.make_room(decoding + min(budget, prefill), self._running)
-        for seq in self._running:
+        for seq in active:
             if seq.prefilling:
                 take = min(len(seq.prompt) - seq.n_past, self.prefill_chunk, budget)
                 if take <= 0 or not self.slots.make_room(take, self._running):
@@ -270,14 +289,21 @@ class EmbeddedEngine:
                 batch.logits[n] = last_chunk and j == len(tokens) - 1
                 n += 1
             seq.n_past += len(tokens)
+            taken.append((seq, len(tokens)))
             if last_chunk:
                 sample_at.append((seq, n - 1))
         if n == 0:
             return
         batch.n_tokens = n
+        self._preemption.arm(not any(latency_sensitive(s.request.priority) for s, _ in taken))
         rc = llama_cpp.llama_decode(self._ctx, batch)
         if rc == 1 and self.slots.tree.evict(n):  # no free cell run: free cached prefixes, retry once
             rc = llama_cpp.llama_decode(self._ctx, batch)
+        if rc == 2:  # preempted: llama.cpp dropped this ubatch's cells; run these tokens again later
+            for seq, k in taken:
+                seq.n_past -= k
+            self._preemption.preempted += 1
+            return
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
         for seq, idx in sample_at:

@@ -38,3 +38,9 @@ class WorkerMetrics:
         kv_used.set_function(lambda: engine.load().kv_used)
         kv_free.set_function(lambda: engine.load().kv_free)
         evictions.set_function(lambda: engine.load().evictions_total)
+        preempted = Gauge(
+            "llmfabric_worker_preempted_steps",
+            "Batch-only decode steps aborted for a critical/interactive arrival since start (embedded engine)",
+            registry=registry,
+        )
+        preempted.set_function(lambda: getattr(engine, "preempted_steps", 0))

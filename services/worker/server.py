@@ -31,6 +31,7 @@ def create_engine(cfg: WorkerConfig) -> Engine:
             prefill_chunk=cfg.prefill_chunk,
             prefix_cache=cfg.prefix_cache,
             cache_seqs=cfg.cache_seqs,
+            preempt=cfg.preempt,
         )
     if kind is EngineKind.SGLANG:
         from .sglang import SGLangEngine
