@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--engine", default="embedded", choices=["embedded", "triton"],
                     help="worker engine: embedded llama.cpp (default), or triton: one local Triton per worker "
                          "(python -m llmfabric.tritonserve) serving the model under the vLLM backend's tensor names")
-    up.add_argument("--routing", default="least_load", choices=["round_robin", "least_load", "cache_aware"],
-                    help="scheduler routing (default least_load)")
+    up.add_argument("--routing", default="cache_aware", choices=["round_robin", "least_load", "cache_aware"],
+                    help="scheduler routing (default cache_aware)")
     up.add_argument("--host", default="127.0.0.1", help="address every listener binds")
     up.add_argument("--port", type=int, default=8080, help="edge port: gRPC, REST/SSE and OpenAI HTTP (default 8080)")
     up.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (default 9901)")

@@ -32,7 +32,7 @@ class StackOptions:
 
     workers: int = 1  # inference workers
     engine: str = "embedded"  # worker engine: "embedded" (llama.cpp in the worker) or "triton" (a Triton each)
-    routing: str = "least_load"  # scheduler routing policy
+    routing: str = "cache_aware"  # scheduler routing policy
     host: str = "127.0.0.1"  # every listener binds here
     edge_port: int = 8080  # Envoy: gRPC, REST/SSE and OpenAI HTTP
     admin_port: int = 9901  # Envoy admin

@@ -16,9 +16,11 @@ class SchedulerConfig(ServerSettings):
     """Settings of the scheduler."""
 
     workers: tuple[str, ...] = setting((), help="comma-separated worker host:port list (static discovery)")
-    routing: str = setting("least_load", help="routing policy: round_robin, least_load or cache_aware")
+    routing: str = setting("cache_aware", help="routing policy: cache_aware, least_load or round_robin")
     cache_threshold: float = setting(0.5, help="cache_aware: share of the prompt a worker's tree must match to win")
-    balance_abs_threshold: int = setting(2, help="cache_aware: in-flight gap (max - min) that counts as imbalance ...")
+    balance_abs_threshold: int = setting(
+        3, help="cache_aware: in-flight gap (max - min) that counts as imbalance (3: a 3-vs-0 split still follows the cache) ..."
+    )
     balance_rel_threshold: float = setting(1.5, help="cache_aware: ... together with max > min x this ratio")
     tree_tokens: int = setting(65536, help="cache_aware: tokens remembered per worker when its KV size is unknown")
     reserved_slots: int = setting(

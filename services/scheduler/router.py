@@ -144,7 +144,7 @@ class CacheAwareRouter:
         self,
         *,
         cache_threshold: float = 0.5,
-        balance_abs_threshold: int = 2,
+        balance_abs_threshold: int = 3,
         balance_rel_threshold: float = 1.5,
         tree_tokens: int = 65536,
     ) -> None:

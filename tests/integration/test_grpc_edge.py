@@ -166,6 +166,6 @@ async def test_scheduler_metrics_count_levels_and_routing(stub, stack):
     body = urllib.request.urlopen(f"http://{stack.get('scheduler').metrics}/metrics", timeout=5).read().decode()  # noqa: S310
     assert 'llmfabric_scheduler_requests_total{level="batch",outcome="admitted"}' in body
     assert 'llmfabric_scheduler_requests_total{level="batch",outcome="completed"}' in body
-    assert 'llmfabric_scheduler_routing_decisions_total{policy="least_load"' in body
+    assert 'llmfabric_scheduler_routing_decisions_total{policy="cache_aware"' in body
     assert 'llmfabric_scheduler_queue_wait_seconds_count{level="batch"}' in body
     assert 'llmfabric_scheduler_time_to_first_token_seconds_count{level="batch"}' in body

@@ -300,7 +300,7 @@ def test_worker_rejections_name_variable(env, needle):
 def test_scheduler_workers_tuple():
     cfg = load_config(SchedulerConfig, SCHED, [], environ={"LLMFABRIC_SCHEDULER_WORKERS": "a:1, b:2"})
     assert cfg.workers == ("a:1", "b:2")
-    assert cfg.routing == "least_load"
+    assert cfg.routing == "cache_aware"
 
 
 def test_scheduler_workers_flag_overrides_env():

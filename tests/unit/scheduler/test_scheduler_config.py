@@ -18,7 +18,7 @@ def _load(env: dict[str, str], argv: list[str] | None = None) -> SchedulerConfig
 def test_workers_from_environment():
     cfg = _load(GOOD)
     assert cfg.workers == ("127.0.0.1:50061", "127.0.0.1:50062")
-    assert cfg.routing == "least_load"
+    assert cfg.routing == "cache_aware"
     assert cfg.max_waiting >= 1 and cfg.probe_interval > 0
 
 
