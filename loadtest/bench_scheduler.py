@@ -319,7 +319,7 @@ def main() -> None:
     q = args.quick
     args.p1_rounds, args.p1_requests, args.p1_seconds = (2, 300, 1.0) if q else (4, 500, 2.0)
     args.p2_requests, args.batch_tokens, args.settle = (12, 64, 2.0) if q else (30, 128, 3.0)
-    args.prompts, args.questions, args.sessions, args.turns = (12, 3, 2, 3) if q else (12, 8, 3, 4)
+    args.prompts, args.questions, args.sessions, args.turns = (12, 3, 2, 3) if q else (12, 4, 3, 4)
     args.p3_tokens, args.concurrency, args.p3_rounds = 16, 4, 1 if q else 2
     res = asyncio.run(run(args))
     report(res)
