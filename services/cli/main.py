@@ -20,7 +20,7 @@ def _up(args: argparse.Namespace) -> int:
     opts = StackOptions(
         workers=args.workers, engine=args.engine, routing=args.routing, host=args.host, edge_port=args.port,
         admin_port=args.admin_port, context_length=args.context_length, capacity=args.capacity,
-        state_dir=pathlib.Path(args.state_dir), log_level=args.log_level,
+        state_dir=pathlib.Path(args.state_dir), log_level=args.log_level, semcache=not args.no_semcache,
     )
     stack = Stack(opts)
 
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--capacity", type=int, default=4, help="sequences per worker batch (default 4)")
     up.add_argument("--state-dir", default=".llmfabric", help="logs, envoy.yaml, stack.json")
     up.add_argument("--log-level", default="info")
+    up.add_argument("--no-semcache", action="store_true", help="run without the semantic answer cache")
 
     st = sub.add_parser("status", help="health of every service; non-zero exit unless all SERVING")
     st.add_argument("--state-dir", default=".llmfabric")

@@ -41,6 +41,7 @@ class StackOptions:
     state_dir: pathlib.Path = pathlib.Path(".llmfabric")  # logs, envoy.yaml, stack.json
     log_level: str = "info"  # services' log level
     drain_seconds: float = 10.0  # graceful stop budget per service
+    semcache: bool = True  # run the semantic answer cache (snapshot in state_dir/semcache.bin)
 
 
 @dataclasses.dataclass(slots=True)
@@ -114,13 +115,16 @@ class Stack:
             "LLMFABRIC_SCHEDULER_WORKERS": ",".join(w.grpc for w in workers),
             "LLMFABRIC_SCHEDULER_ROUTING": o.routing,
         })
+        cache = [self._svc("semcache", "semcache", [], "LLMFABRIC_SEMCACHE_", {
+            "LLMFABRIC_SEMCACHE_SNAPSHOT_PATH": str(self.state_dir / "semcache.bin"),
+        })] if o.semcache else []
         http_port = free_port(o.host)
         front = self._svc("frontend", "frontend", [], "LLMFABRIC_FRONTEND_", {
             "LLMFABRIC_FRONTEND_TOKENIZER": tok.grpc, "LLMFABRIC_FRONTEND_SCHEDULER": sched.grpc,
-            "LLMFABRIC_FRONTEND_HTTP_PORT": str(http_port),
+            "LLMFABRIC_FRONTEND_HTTP_PORT": str(http_port), "LLMFABRIC_FRONTEND_SEMCACHE": cache[0].grpc if cache else "",
         })
         front.http = f"{o.host}:{http_port}"
-        self.services = [tok, *tritons, *workers, sched, front]
+        self.services = [tok, *cache, *tritons, *workers, sched, front]
 
     # ------------------------------------------------------------ running
     async def start(self, timeout: float = 180.0) -> None:
@@ -130,7 +134,7 @@ class Stack:
             self.plan()
         base_env = dict(os.environ)  # the user's LLMFABRIC_* tuning passes through; ours win
         tritons = [s for s in self.services if s.kind == "tritonserve"]
-        tiers = [[s for s in self.services if s.kind in ("tokenizer", "tritonserve")],
+        tiers = [[s for s in self.services if s.kind in ("tokenizer", "semcache", "tritonserve")],
                  [s for s in self.services if s.kind == "worker"],
                  [s for s in self.services if s.kind == "scheduler"],
                  [s for s in self.services if s.kind == "frontend"]]

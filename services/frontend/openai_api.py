@@ -22,9 +22,10 @@ from llmfabric.runtime.context import REQUEST_ID_HEADER, new_request_id, request
 from llmfabric.runtime.errors import FabricError, InvalidArgument
 from llmfabric.structs import TokenChunk
 
+from .answer_cache import CONTROL_HEADER, THRESHOLD_HEADER, CacheControl
 from .headers import PRIORITY_HEADER, TENANT_HEADER, priority_from_header
 from .openai_request import OpenAIRequest, parse_chat, parse_completion
-from .pipeline import Pipeline, collect
+from .pipeline import Answer, Pipeline, collect
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +109,12 @@ class OpenAIApi:
             parsed = parse(
                 body, rid, tenant_id=request.headers.get(TENANT_HEADER, ""),
                 priority=priority_from_header(request.headers.get(PRIORITY_HEADER)),
+                cache=CacheControl.parse(request.headers.get(CONTROL_HEADER), request.headers.get(THRESHOLD_HEADER)),
             )
+            answer = await self.pipeline.start(parsed.input)
             if parsed.stream:
-                return await self._stream(request, parsed, chat)
-            text, last = await collect(self.pipeline.run(parsed.input))
+                return await self._stream(request, parsed, chat, answer)
+            text, last = await collect(answer.chunks)
         except FabricError as err:
             log.info("request rejected", extra={"code": err.code.name, "reason": err.message})
             return error_response(err)
@@ -133,11 +136,11 @@ class OpenAIApi:
                 "choices": [choice],
                 "usage": _usage(last),
             },
-            headers={REQUEST_ID_HEADER: rid},
+            headers={REQUEST_ID_HEADER: rid, **answer.cache.headers()},
         )
 
-    async def _stream(self, request: web.Request, parsed: OpenAIRequest, chat: bool) -> web.StreamResponse:
-        chunks = self.pipeline.run(parsed.input)
+    async def _stream(self, request: web.Request, parsed: OpenAIRequest, chat: bool, answer: Answer) -> web.StreamResponse:
+        chunks = answer.chunks
         # Validate before committing to a 200: the first chunk (or error) decides.
         first = await anext(chunks, None)
         if first is None:
@@ -149,6 +152,7 @@ class OpenAIApi:
                 "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no",
                 REQUEST_ID_HEADER: rid,
+                **answer.cache.headers(),
             }
         )
         await resp.prepare(request)

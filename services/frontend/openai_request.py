@@ -18,6 +18,7 @@ from typing import Any
 from llmfabric.common.v1 import common_pb2
 from llmfabric.runtime.errors import InvalidArgument
 
+from .answer_cache import CacheControl
 from .pipeline import GenerationInput
 
 
@@ -134,7 +135,7 @@ def _content(i: int, content: Any) -> str:
     raise InvalidArgument(f"messages[{i}].content", "must be a string or a list of text parts")
 
 
-def parse_chat(body: Any, request_id: str, tenant_id: str = "", priority: int = 0) -> OpenAIRequest:
+def parse_chat(body: Any, request_id: str, tenant_id: str = "", priority: int = 0, cache: CacheControl = CacheControl()) -> OpenAIRequest:
     if not isinstance(body, dict):
         raise InvalidArgument("body", "must be a JSON object")
     stream, include_usage = _common_checks(body)
@@ -153,12 +154,14 @@ def parse_chat(body: Any, request_id: str, tenant_id: str = "", priority: int = 
         pairs.append((role, _content(i, m.get("content"))))
     inp = GenerationInput(
         request_id=request_id, model=body.get("model") or "", prompt=None, messages=tuple(pairs),
-        sampling=_sampling(body), tenant_id=tenant_id, priority=priority,
+        sampling=_sampling(body), tenant_id=tenant_id, priority=priority, cache=cache,
     )
     return OpenAIRequest(inp, stream, include_usage)
 
 
-def parse_completion(body: Any, request_id: str, tenant_id: str = "", priority: int = 0) -> OpenAIRequest:
+def parse_completion(
+    body: Any, request_id: str, tenant_id: str = "", priority: int = 0, cache: CacheControl = CacheControl()
+) -> OpenAIRequest:
     if not isinstance(body, dict):
         raise InvalidArgument("body", "must be a JSON object")
     stream, include_usage = _common_checks(body)
@@ -174,6 +177,6 @@ def parse_completion(body: Any, request_id: str, tenant_id: str = "", priority: 
     _text("prompt", prompt)
     inp = GenerationInput(
         request_id=request_id, model=body.get("model") or "", prompt=prompt, messages=None,
-        sampling=_sampling(body), tenant_id=tenant_id, priority=priority,
+        sampling=_sampling(body), tenant_id=tenant_id, priority=priority, cache=cache,
     )
     return OpenAIRequest(inp, stream, include_usage)

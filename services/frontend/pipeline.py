@@ -1,5 +1,6 @@
 """The request path shared by the gRPC and the OpenAI APIs:
-tokenizer.Prepare → scheduler.Submit → token chunks.
+tokenizer.Prepare → semantic cache lookup → (hit: replay | miss:
+scheduler.Submit, then store) → token chunks.
 
 Errors from either service arrive as the same domain errors the services
 raised (``error_from_rpc``), so both APIs map them identically.
@@ -24,6 +25,8 @@ from llmfabric.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from llmfabric.structs import TokenChunk, ValidatedRequest
 from llmfabric.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
+from .answer_cache import AnswerCache, CacheControl, CacheOutcome, cache_key
+
 log = logging.getLogger(__name__)
 
 
@@ -38,6 +41,16 @@ class GenerationInput:
     sampling: common_pb2.SamplingParams  # client values (unset = default)
     tenant_id: str = ""  # from the edge
     priority: int = 0  # common.v1.Priority
+    cache: CacheControl = CacheControl()  # answer-cache controls
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Answer:
+    """A validated request's answer: where it comes from, and its chunks."""
+
+    request: ValidatedRequest  # as the tokenizer resolved it
+    cache: CacheOutcome  # hit, miss or not consulted
+    chunks: AsyncIterator[TokenChunk]  # replayed or generated
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -61,12 +74,13 @@ def _remaining(deadline: float | None) -> float | None:
 class Pipeline:
     """Clients of the tokenizer and the scheduler."""
 
-    def __init__(self, tokenizer_address: str, scheduler_address: str) -> None:
+    def __init__(self, tokenizer_address: str, scheduler_address: str, cache: AnswerCache | None = None) -> None:
         self._tok_channel = grpc.aio.insecure_channel(tokenizer_address, options=GRPC_OPTIONS)
         self._sched_channel = grpc.aio.insecure_channel(scheduler_address, options=GRPC_OPTIONS)
         self.tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(self._tok_channel)
         self.scheduler = scheduler_pb2_grpc.SchedulerServiceStub(self._sched_channel)
         self.models: list[ModelCard] = []
+        self.cache = cache  # None: no semantic cache configured
 
     async def connect(self, timeout: float = 120.0) -> None:
         """Wait until the tokenizer answers and learn the served models."""
@@ -82,6 +96,8 @@ class Pipeline:
                 await asyncio.sleep(0.2)
 
     async def close(self) -> None:
+        if self.cache is not None:
+            await self.cache.close()
         await self._tok_channel.close()
         await self._sched_channel.close()
 
@@ -119,11 +135,28 @@ class Pipeline:
         finally:
             call.cancel()
 
-    async def run(self, inp: GenerationInput, deadline: float | None = None) -> AsyncIterator[TokenChunk]:
-        """Prepare then stream."""
+    async def start(self, inp: GenerationInput, deadline: float | None = None) -> Answer:
+        """Validate, consult the cache; bad input raises here, before anything streams."""
         validated = await self.prepare(inp, deadline)
-        async for chunk in self.stream(validated, deadline):
+        if self.cache is None:
+            return Answer(validated, CacheOutcome(), self.stream(validated, deadline))
+        key = cache_key(validated.model, validated.tenant_id, validated.cache_salt, inp.messages, inp.prompt,
+                        request_to_pb(validated).sampling)
+        outcome, replay = await self.cache.lookup(key, inp.cache)
+        if replay is not None:
+            return Answer(validated, outcome, _replay(replay))
+        return Answer(validated, outcome, self.cache.recording(key, inp.cache, self.stream(validated, deadline)))
+
+    async def run(self, inp: GenerationInput, deadline: float | None = None) -> AsyncIterator[TokenChunk]:
+        """``start`` then its chunks."""
+        answer = await self.start(inp, deadline)
+        async for chunk in answer.chunks:
             yield chunk
+
+
+async def _replay(chunks: list[TokenChunk]) -> AsyncIterator[TokenChunk]:
+    for chunk in chunks:
+        yield chunk
 
 
 async def collect(chunks: AsyncIterator[TokenChunk]) -> tuple[str, TokenChunk]:

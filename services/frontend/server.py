@@ -10,6 +10,7 @@ from aiohttp import web
 from llmfabric.inference.v1 import inference_pb2_grpc
 from llmfabric.runtime.server import ServiceHost
 
+from .answer_cache import AnswerCache
 from .config import FrontendConfig
 from .openai_api import OpenAIApi
 from .pipeline import Pipeline
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 class FrontendService:
     def __init__(self, cfg: FrontendConfig) -> None:
         self.cfg = cfg
-        self.pipeline = Pipeline(cfg.tokenizer, cfg.scheduler)
+        cache = AnswerCache(cfg.semcache, cfg.cache_timeout) if cfg.semcache else None
+        self.pipeline = Pipeline(cfg.tokenizer, cfg.scheduler, cache)
         self.host = ServiceHost("frontend", cfg)
         self.host.add(SERVICE_NAME, inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(self.pipeline))
         self._runner: web.AppRunner | None = None

@@ -22,6 +22,7 @@ def stack(tmp_path_factory) -> Stack:
         drain_seconds=3.0,
         capacity=4,
         context_length=2048,
+        semcache=False,  # these tests need the engine to answer; test_semcache_edge.py runs its own stack with it
     )
     st = Stack(opts)
     asyncio.run(st.start())

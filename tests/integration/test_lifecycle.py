@@ -105,7 +105,7 @@ async def test_deadline_reaches_the_worker(edge, stack):
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory):
     opts = StackOptions(workers=2, edge_port=free_port(), admin_port=free_port(), drain_seconds=5.0,
-                        state_dir=tmp_path_factory.mktemp("two"), routing="round_robin")
+                        state_dir=tmp_path_factory.mktemp("two"), routing="round_robin", semcache=False)
     st = Stack(opts)
     asyncio.run(st.start())
     yield st

@@ -24,7 +24,7 @@ SYSTEMS = [
 @pytest.fixture(scope="module")
 def cache_aware(tmp_path_factory):
     opts = StackOptions(workers=2, routing="cache_aware", edge_port=free_port(), admin_port=free_port(),
-                        state_dir=tmp_path_factory.mktemp("routing"), drain_seconds=3.0)
+                        state_dir=tmp_path_factory.mktemp("routing"), drain_seconds=3.0, semcache=False)
     st = Stack(opts)
     asyncio.run(st.start())
     yield st

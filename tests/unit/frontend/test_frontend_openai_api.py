@@ -11,7 +11,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from llmfabric.frontend.openai_api import OpenAIApi, error_body
-from llmfabric.frontend.pipeline import GenerationInput, ModelCard
+from llmfabric.frontend.answer_cache import CacheOutcome
+from llmfabric.frontend.pipeline import Answer, GenerationInput, ModelCard
 from llmfabric.runtime.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -45,6 +46,10 @@ class FakePipeline:
         self.inputs: list[GenerationInput] = []
         self.closed = asyncio.Event()  # set when a run's generator is finalized
         self.cancelled = False
+        self.cache_outcome = CacheOutcome()
+
+    async def start(self, inp: GenerationInput, deadline: float | None = None) -> Answer:
+        return Answer(None, self.cache_outcome, self.run(inp, deadline))
 
     async def run(self, inp: GenerationInput, deadline: float | None = None):
         self.inputs.append(inp)
