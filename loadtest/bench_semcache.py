@@ -116,7 +116,7 @@ async def end_to_end(rounds: int) -> dict:
     d = pathlib.Path(tempfile.mkdtemp(prefix="bench_semcache-"))
     st = Stack(StackOptions(workers=1, edge_port=free_port(), admin_port=free_port(), state_dir=d, drain_seconds=2.0))
     system = {"role": "system", "content": "You are a helpful assistant."}
-    q, para = "What are three tips for staying focused while studying?", "what are 3 tips to stay focused when studying"
+    q, para = "What are some tips for staying focused while studying?", "Any advice on how to stay focused when I study?"
     res: dict[str, list[dict]] = {"engine": [], "hit-exact": [], "hit-semantic": []}
     try:
         await st.start()
@@ -179,6 +179,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes and fewer rounds")
     ap.add_argument("--parts", default="123")
+    ap.add_argument("--sizes", default="", help="part 2 entry counts, comma-separated (default 1000,10000,100000)")
     ap.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
     args = ap.parse_args()
     t0, load0, res = time.monotonic(), os.getloadavg(), {}
@@ -187,7 +188,8 @@ def main() -> None:
         res["accuracy"] = accuracy(emb)
     thr = (res.get("accuracy", {}).get("default") or {}).get("threshold", 0.86)
     if "2" in args.parts:
-        res["latency"] = latency(emb, [1000, 10000] if args.quick else [1000, 10000, 100000], 200 if args.quick else 600, thr)
+        sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else [1000, 10000] if args.quick else [1000, 10000, 100000]
+        res["latency"] = latency(emb, sizes, 200 if args.quick else 600, thr)
     if "3" in args.parts:
         res["end_to_end"] = asyncio.run(end_to_end(3 if args.quick else 10))
     res["machine"] = {"nproc": os.cpu_count(), "loadavg_before": load0, "loadavg_after": os.getloadavg(),
