@@ -106,7 +106,7 @@ class Embedder:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embed each text (empty and over-long texts included; over 256
-        tokens the rest is ignored, as the model was trained)."""
+        tokens the rest is ignored, as sentence-transformers does)."""
         if isinstance(texts, str):
             raise TypeError("embed() takes a sequence of texts, not one str")
         if len(texts) == 0:

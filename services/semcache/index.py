@@ -1,10 +1,11 @@
 """Vector indexes of the semantic cache: one per namespace, over 384-d embeddings, keyed by our own int64 ids.
 
-Vectors are L2-normalised on the way in, so a similarity is a cosine. Measured by ``loadtest/bench_index.py``
-(2 cores, 1 thread): exact search (matrix @ vector) costs ~0.4 ms at 10k entries but ~18 ms at 100k (memory
-bound); hnswlib HNSW costs ~0.1–0.2 ms at 100k with recall@1 ≈ 1 on near-duplicates, but a build costs ~0.4 ms
-per entry. Most namespaces are small, so ``auto`` (the default) is exact and perfect until ``threshold`` entries,
-then migrates to HNSW (a one-time build of a few seconds), and back to exact below ``threshold // 2``.
+Vectors are L2-normalised on the way in, so a similarity is a cosine. Not thread-safe: the caller serialises.
+Measured by ``loadtest/bench_index.py`` (2 cores, 1 thread): exact search (matrix @ vector) costs ~0.25 ms at
+8k entries but ~18 ms at 100k (memory bound); hnswlib HNSW costs ~0.25 ms at 100k with recall@1 = 1.0, but an
+insert costs ~0.4 ms (a build ~0.5 ms per entry) and reusing a removed entry's slot ~4.5 ms (hnswlib re-links
+the neighbourhood). Most namespaces are small, so ``auto`` (the default) is exact until ``threshold`` entries,
+then migrates to HNSW (a one-time build: ~2 s at 8k), and back to exact below ``threshold // 2``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Protocol
 import hnswlib
 import numpy as np
 
-DEFAULT_THRESHOLD = 8_000  # entries: about where HNSW search overtakes exact (~0.25 ms); its build then takes ~1.6 s
+DEFAULT_THRESHOLD = 8_000  # entries: about where HNSW search overtakes exact (~0.25 ms each; bench_index.py)
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
 
