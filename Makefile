@@ -40,6 +40,7 @@ $(STAMP): pyproject.toml setup.py
 # (~/.cache/llmfabric): the command checks an existing file in under a second and keeps it
 embedding: $(STAMP)
 	$(PY) -m llmfabric.semcache.export_onnx
+	$(PY) -m llmfabric.semcache.quantize
 
 install up unit integration test: embedding
 

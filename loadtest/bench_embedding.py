@@ -3,7 +3,7 @@
 1  single query: ms per embed([q]) (tokenize + ORT run) over ~500 warm queries of varied length (the paraphrase
    set's questions, a fifth of them joined 2-4 at a time), threads=1 and threads=2 alternating by blocks of 100
    queries so both see the same machine load; p50/p99 overall and by token count.
-   Target: p50 <= 5 ms at the semcache's default threads=1 (DESIGN measured 2.7 ms).
+   Target: p50 <= 5 ms (DESIGN measured 2.7 ms); verdict per thread count, threads=1 being the semcache default.
 2  batch of 16: texts/s and ms per embed(16 queries) for both thread counts, alternating by blocks of 10.
 The host is shared: compare numbers within one run, not across runs.
 """
@@ -78,7 +78,7 @@ def run(args) -> dict:
         b = batch[t]
         res["batch16"][t] = {"batches": len(b), "p50_ms": pct(b, 50), "texts_per_s": 16 * len(b) / (sum(b) / 1e3),
                              "samples": b}
-    res["pass"] = res["single"][1]["p50"] <= TARGET_MS
+    res["pass"] = {t: res["single"][t]["p50"] <= TARGET_MS for t in THREADS}
     res["machine"] = {"nproc": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                       "platform": platform.platform(), "python": platform.python_version()}
     return res
@@ -95,10 +95,11 @@ def report(res: dict) -> None:
     print("\n2  batch of 16")
     table(["config", "batches", "p50 ms", "texts/s"],
           [[f"threads={t}", b["batches"], b["p50_ms"], b["texts_per_s"]] for t, b in res["batch16"].items()])
-    p50 = res["single"][1]["p50"]
-    print(f"\ntarget: single-query p50 <= {res['target_ms']:.0f} ms at threads=1: {p50:.2f} ms -> "
-          f"{'PASS' if res['pass'] else 'FAIL'}   (load average before/after: "
+    print(f"\ntarget: single-query p50 <= {res['target_ms']:.0f} ms (load average before/after: "
           f"{res['machine']['loadavg_before'][0]:.2f} / {res['machine']['loadavg_after'][0]:.2f})")
+    for t, ok in res["pass"].items():
+        default = "  (the semcache default)" if t == 1 else ""
+        print(f"  threads={t}: {res['single'][t]['p50']:.2f} ms -> {'PASS' if ok else 'FAIL'}{default}")
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Vector-index benchmark for the semantic cache (see loadtest/README.md).
+"""Vector-index benchmark for the semantic cache: which index, and from what size (services/semcache/index.py).
 
 Data: L2-normalised 384-d float32 vectors (all-MiniLM-L6-v2's shape), 1,000 random cluster centres + Gaussian noise
 (a stored point has cosine ~0.7 to its centre, ~0.5 to a neighbour in its cluster). Queries: "near" = a stored point

@@ -49,10 +49,11 @@ class SemcacheService:
         """Load the embedding model, restore the snapshot, start the housekeeping task."""
         if self.embedder is None:
             from .embedding import Embedder
+            from .quantize import int8_path
 
-            self.embedder = await asyncio.to_thread(
-                Embedder, pathlib.Path(self.cfg.onnx_path) if self.cfg.onnx_path else None, threads=self.cfg.embed_threads
-            )
+            path = pathlib.Path(self.cfg.onnx_path) if self.cfg.onnx_path else (
+                int8_path() if self.cfg.embed_precision == "int8" else None)
+            self.embedder = await asyncio.to_thread(Embedder, path, threads=self.cfg.embed_threads)
         store = AnswerStore(
             dim=self.embedder.dim, policy=HitPolicy(self.cfg.threshold, self.cfg.guard), max_entries=self.cfg.max_entries,
             max_bytes=self.cfg.max_bytes, default_ttl=self.cfg.ttl_seconds, index_kind=self.cfg.index,

@@ -180,3 +180,31 @@ def test_reference_mismatch_fails_loudly(emb, monkeypatch):
     with pytest.raises(export_onnx.ExportFailed, match="sentence-transformers gives"):
         export_onnx.check_reference(emb)
     assert not export_onnx.is_valid(emb.path)
+
+
+# ------------------------------------------------------------------ the int8 model the service uses by default
+
+
+def test_int8_model_stays_close_to_fp32_and_is_written_atomically(tmp_path):
+    from llmfabric.semcache import quantize
+
+    if not onnx_path().is_file():
+        pytest.skip("no fp32 export (make embedding)")
+    out = tmp_path / "q.int8.onnx"
+    worst = quantize.quantize(onnx_path(), out)
+    assert worst >= quantize.MIN_COSINE and out.is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["q.int8.onnx"]  # no temp file left
+    assert quantize.check(out, onnx_path()) == pytest.approx(worst)
+    e = Embedder(out).embed(["How do I reset my password?", "How can I reset my password?", "Convert 5 kg to pounds"])
+    assert float(e[0] @ e[1]) > float(e[0] @ e[2])
+
+
+def test_int8_check_rejects_a_different_model(tmp_path, monkeypatch):
+    from llmfabric.semcache import quantize
+
+    if not onnx_path().is_file():
+        pytest.skip("no fp32 export (make embedding)")
+    monkeypatch.setattr(quantize, "MIN_COSINE", 1.01)  # nothing can pass
+    with pytest.raises(ValueError, match="cosine to fp32"):
+        quantize.quantize(onnx_path(), tmp_path / "q.onnx")
+    assert not any(tmp_path.iterdir())
