@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import re
 import time
 from collections.abc import Callable
+
+import numpy as np
 
 GENERATION_TIMEOUT = 60.0  # bound on any single generation: a hang fails, never blocks the run
 
@@ -44,3 +48,19 @@ def text_of(chunks) -> str:
 
 def ids_of(chunks) -> list[int]:
     return [t for c in chunks for t in c.token_ids]
+
+
+class BagOfWords:
+    """A stand-in for the semantic cache's embedder (``dim`` + ``embed(texts)``): bag-of-words vectors, so
+    questions sharing most words are close. For store/service logic; the real model has its own tests."""
+
+    def __init__(self, dim: int = 64) -> None:
+        self.dim = dim
+
+    def embed(self, texts) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for i, t in enumerate(texts):
+            for w in re.findall(r"\w+", t.lower()):
+                out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % self.dim] += 1
+            out[i] /= np.linalg.norm(out[i]) or 1
+        return out

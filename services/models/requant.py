@@ -20,15 +20,14 @@ import tempfile
 
 import llama_cpp
 
+from llmfabric.runtime.config import cache_dir
+
 from .gguf import init_backend
 
 log = logging.getLogger(__name__)
 
 FTYPES = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
 
-
-def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("LLMFABRIC_CACHE_DIR") or pathlib.Path.home() / ".cache" / "llmfabric")
 
 
 def requantized(src: pathlib.Path, weights: str) -> pathlib.Path:

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import math
 import os
+import pathlib
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
@@ -96,6 +97,11 @@ def load_config(
     if check is not None:
         check()
     return cfg
+
+
+def cache_dir() -> pathlib.Path:
+    """Where derived files (re-encoded weights, exported models) are cached: ``$LLMFABRIC_CACHE_DIR`` or ~/.cache/llmfabric."""
+    return pathlib.Path(os.environ.get("LLMFABRIC_CACHE_DIR") or pathlib.Path.home() / ".cache" / "llmfabric")
 
 
 def env_name(prefix: str, field_name: str) -> str:

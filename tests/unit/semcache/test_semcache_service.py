@@ -4,13 +4,11 @@ the field, persistence across a restart, metrics."""
 
 from __future__ import annotations
 
-import hashlib
-import re
 import urllib.request
 
 import grpc
-import numpy as np
 import pytest
+from fabric_testing import BagOfWords  # tests/ is on sys.path (tests/conftest.py)
 
 from llmfabric.common.v1 import common_pb2
 from llmfabric.semcache.config import SemcacheConfig
@@ -20,18 +18,6 @@ from llmfabric.semcache.v1 import semcache_pb2, semcache_pb2_grpc
 DIM = 64
 STOP, LENGTH, ERROR, CANCELLED = (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH,
                                   common_pb2.FINISH_REASON_ERROR, common_pb2.FINISH_REASON_CANCELLED)
-
-
-class BagOfWords:
-    dim = DIM
-
-    def embed(self, texts):
-        out = np.zeros((len(texts), DIM), np.float32)
-        for i, t in enumerate(texts):
-            for w in re.findall(r"\w+", t.lower()):
-                out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % DIM] += 1
-            out[i] /= np.linalg.norm(out[i]) or 1
-        return out
 
 
 def key(question="How do I reset my password?", tenant="acme", temperature=0.0, seed=None, model="m"):
@@ -56,7 +42,7 @@ async def cache(tmp_path):
     async def start(**cfg_kw):
         cfg_kw.setdefault("snapshot_path", str(tmp_path / "snap.bin"))
         cfg = SemcacheConfig(port=0, metrics_port=0, threshold=0.8, **cfg_kw)
-        svc, port = await create_server(cfg, embedder=BagOfWords())
+        svc, port = await create_server(cfg, embedder=BagOfWords(DIM))
         await svc.load()
         await svc.host.set_serving(True)
         ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")

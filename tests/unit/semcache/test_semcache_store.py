@@ -5,11 +5,9 @@ through the service in test_semcache_service.py)."""
 
 from __future__ import annotations
 
-import hashlib
-import re
-
 import numpy as np
 import pytest
+from fabric_testing import BagOfWords  # tests/ is on sys.path (tests/conftest.py)
 
 from llmfabric.common.v1 import common_pb2
 from llmfabric.runtime.errors import InvalidArgument
@@ -23,11 +21,7 @@ DIM = 64
 
 
 def bow(text: str) -> np.ndarray:
-    """Bag-of-words vector: questions sharing most words are close."""
-    v = np.zeros(DIM, np.float32)
-    for w in re.findall(r"\w+", text.lower()):
-        v[int(hashlib.md5(w.encode()).hexdigest(), 16) % DIM] += 1
-    return v / (np.linalg.norm(v) or 1)
+    return BagOfWords(DIM).embed([text])[0]
 
 
 def key(question: str = "How do I reset my password?", *, model="m", tenant="t", salt="", system="Be brief.",
