@@ -1,44 +1,77 @@
-"""The Envoy edge: render its static bootstrap, validate it, and build its argv.
+"""The Envoy edge: config pieces, bootstraps, offline validation and argv.
 
-The bootstrap (``envoy/bootstrap.yaml.j2``, shipped as package data) defines one
-listener that speaks HTTP/1.1 and h2c. gRPC passes straight through to the
-frontend; REST under ``/api/v1/`` is transcoded to gRPC by
+The edge listener speaks HTTP/1.1 and h2c on one port. gRPC passes straight
+through to the frontend; REST under ``/api/v1/`` is transcoded to gRPC by
 ``grpc_json_transcoder`` (server streams come back as Server-Sent Events);
 OpenAI-compatible HTTP under ``/v1/`` is proxied to the frontend's HTTP port.
-Cluster names (``frontend_grpc``, ``frontend_http``) are stable so that an xDS
-control plane can later replace the static clusters.
+API keys map callers to tenants, each tenant has its own rate limit, bodies
+are size-limited (see ``envoy/listener.yaml.j2`` for the filter chain).
+
+What lives where:
+
+* :mod:`llmfabric.gateway.policy` — :class:`EdgePolicy` and its parts;
+* :mod:`llmfabric.gateway.apikeys` — API keys from env, files, or made up locally;
+* :mod:`llmfabric.gateway.render` — listener / cluster / endpoints as v3 dicts
+  (served by the xDS control plane) and the ADS and static bootstraps.
+
+This module re-exports those and keeps the process side: finding the envoy
+binary, ``envoy --mode validate``, the argv. :class:`EdgeConfig` with
+:func:`render_bootstrap` is the older all-in-one static form (no auth, no rate
+limit), kept for callers not yet on :class:`EdgePolicy`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
-import ipaddress
 import os
 import shutil
 import subprocess
 import sys
 
-import jinja2
+from llmfabric.gateway.apikeys import ApiKey
+from llmfabric.gateway.policy import EdgePolicy, RateLimit, RetryPolicy
+from llmfabric.gateway.render import (
+    GRPC_CLUSTER,
+    HTTP_CLUSTER,
+    XDS_CLUSTER,
+    render_ads_bootstrap,
+    render_cluster,
+    render_listener,
+    render_load_assignment,
+    render_static_bootstrap,
+    to_proto,
+)
 
 __all__ = [
+    "GRPC_CLUSTER",
+    "HTTP_CLUSTER",
+    "XDS_CLUSTER",
+    "ApiKey",
     "EdgeConfig",
-    "EnvoyNotFoundError",
+    "EdgePolicy",
     "EnvoyConfigError",
-    "render_bootstrap",
+    "EnvoyNotFoundError",
+    "RateLimit",
+    "RetryPolicy",
     "envoy_binary",
-    "validate_config",
     "envoy_command",
+    "render_ads_bootstrap",
+    "render_bootstrap",
+    "render_cluster",
+    "render_listener",
+    "render_load_assignment",
+    "render_static_bootstrap",
+    "to_proto",
+    "validate_config",
 ]
 
-_TEMPLATE = "bootstrap.yaml.j2"
 # Envoy's application log as one JSON object per line (%j = JSON-escaped message).
 _LOG_FORMAT = '{"ts":"%Y-%m-%dT%T.%eZ","level":"%l","logger":"%n","msg":"%j"}'
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class EdgeConfig:
-    """Everything the edge bootstrap needs; rendered by :func:`render_bootstrap`."""
+    """The older all-in-one static edge (no auth, no rate limit); see :meth:`policy`."""
 
     # Address of the frontend's gRPC server (the public InferenceService).
     frontend_grpc_host: str
@@ -68,7 +101,12 @@ class EdgeConfig:
     cors_allow_origins: tuple[str, ...] = ("*",)
 
     def __post_init__(self) -> None:
-        for name in ("listen_port", "admin_port", "frontend_grpc_port", "frontend_http_port"):
+        for name in (
+            "listen_port",
+            "admin_port",
+            "frontend_grpc_port",
+            "frontend_http_port",
+        ):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ValueError(f"EdgeConfig.{name} out of range: {port}")
@@ -77,6 +115,31 @@ class EdgeConfig:
         if not self.descriptor_path:
             raise ValueError("EdgeConfig.descriptor_path is required")
 
+    def policy(self) -> EdgePolicy:
+        """The same edge as an :class:`EdgePolicy`: open (no keys), not rate limited."""
+        return EdgePolicy(
+            descriptor_path=self.descriptor_path,
+            listen_host=self.listen_host,
+            listen_port=self.listen_port,
+            access_log_path=self.access_log_path,
+            stream_idle_timeout_s=self.stream_idle_timeout_s,
+            request_timeout_s=self.request_timeout_s,
+            cors_allow_origins=self.cors_allow_origins,
+            auth_required=False,
+            rate_limit=None,
+        )
+
+
+def render_bootstrap(cfg: EdgeConfig) -> str:
+    """Static bootstrap YAML for ``cfg`` (see :func:`render_static_bootstrap`)."""
+    return render_static_bootstrap(
+        cfg.policy(),
+        (cfg.frontend_grpc_host, cfg.frontend_grpc_port),
+        (cfg.frontend_http_host, cfg.frontend_http_port),
+        cfg.admin_host,
+        cfg.admin_port,
+    )
+
 
 class EnvoyNotFoundError(FileNotFoundError):
     """No envoy executable next to the interpreter or on PATH."""
@@ -84,35 +147,6 @@ class EnvoyNotFoundError(FileNotFoundError):
 
 class EnvoyConfigError(RuntimeError):
     """``envoy --mode validate`` rejected a configuration; the message holds its output."""
-
-
-def _discovery_type(host: str) -> str:
-    """STATIC for an IP literal, STRICT_DNS for a name (e.g. a compose service)."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return "STRICT_DNS"
-    return "STATIC"
-
-
-def render_bootstrap(cfg: EdgeConfig) -> str:
-    """Render the static Envoy bootstrap YAML for ``cfg``."""
-    source = importlib.resources.files("llmfabric.gateway").joinpath("envoy", _TEMPLATE)
-    env = jinja2.Environment(
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,
-    )
-    template = env.from_string(source.read_text(encoding="utf-8"))
-    return template.render(
-        cfg=cfg,
-        descriptor_path=os.path.abspath(cfg.descriptor_path),
-        grpc_discovery=_discovery_type(cfg.frontend_grpc_host),
-        http_discovery=_discovery_type(cfg.frontend_http_host),
-        allow_any_origin="*" in cfg.cors_allow_origins,
-    )
 
 
 def envoy_binary() -> str:
@@ -132,10 +166,14 @@ def envoy_binary() -> str:
 def validate_config(path: str) -> None:
     """Check a bootstrap offline with ``envoy --mode validate``; raise on rejection."""
     argv = [envoy_binary(), "--mode", "validate", "-c", path, "--log-level", "error"]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, timeout=120, check=False
+    )
     if proc.returncode != 0:
         output = (proc.stdout + proc.stderr).strip()
-        raise EnvoyConfigError(f"envoy rejected {path} (exit {proc.returncode}):\n{output}")
+        raise EnvoyConfigError(
+            f"envoy rejected {path} (exit {proc.returncode}):\n{output}"
+        )
 
 
 def envoy_command(

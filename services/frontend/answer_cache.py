@@ -18,12 +18,11 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-
 from llmfabric.common.v1 import common_pb2
 from llmfabric.convert import chunk_from_pb, chunk_to_pb
 from llmfabric.runtime.context import outgoing_metadata
-from llmfabric.runtime.errors import InvalidArgument
-from llmfabric.runtime.server import GRPC_OPTIONS
+from llmfabric.runtime.errors import InvalidArgument, Unavailable
+from llmfabric.runtime.upstream import Upstream
 from llmfabric.semcache.keys import deterministic
 from llmfabric.semcache.v1 import semcache_pb2, semcache_pb2_grpc
 from llmfabric.structs import Finish, TokenChunk
@@ -104,16 +103,19 @@ class CacheOutcome:
 class AnswerCache:
     """gRPC client of the SemanticCacheService."""
 
-    def __init__(self, address: str, timeout: float = 0.25) -> None:
-        self._channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
-        self._stub = semcache_pb2_grpc.SemanticCacheServiceStub(self._channel)
+    def __init__(self, target: str, timeout: float = 0.25, *, consul_url: str = "") -> None:
+        """``target``: ``host:port[,...]`` or ``consul:<service>``."""
+        self._caches = Upstream("semcache", target, semcache_pb2_grpc.SemanticCacheServiceStub, consul_url=consul_url)
         self.timeout = timeout
         self._pending: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        await self._caches.start()
 
     async def close(self) -> None:
         if self._pending:
             await asyncio.wait(self._pending, timeout=5)
-        await self._channel.close()
+        await self._caches.close()
 
     @staticmethod
     def usable(key: semcache_pb2.CacheKey, control: CacheControl) -> bool:
@@ -125,11 +127,10 @@ class AnswerCache:
         if control.skip or not self.usable(key, control):
             return CacheOutcome(), None
         try:
-            r = await self._stub.Lookup(semcache_pb2.LookupRequest(key=key, threshold=control.threshold),
+            r = await self._caches.stub().Lookup(semcache_pb2.LookupRequest(key=key, threshold=control.threshold),
                                         timeout=self.timeout, metadata=outgoing_metadata())
-        except grpc.aio.AioRpcError as err:
-            log.warning("semantic cache lookup failed; answering from the model",
-                        extra={"code": err.code().name, "reason": err.details()})
+        except (grpc.aio.AioRpcError, Unavailable) as err:
+            log.warning("semantic cache lookup failed; answering from the model", extra=_why(err))
             return CacheOutcome(CacheStatus.MISS), None
         if r.hit == semcache_pb2.HIT_KIND_UNSPECIFIED or not r.chunks:
             return CacheOutcome(CacheStatus.MISS), None
@@ -158,11 +159,17 @@ class AnswerCache:
         req = semcache_pb2.StoreRequest(key=key, chunks=[chunk_to_pb(c) for c in chunks],
                                         allow_nondeterministic=control.allow_nondeterministic)
         try:
-            r = await self._stub.Store(req, timeout=max(1.0, 4 * self.timeout), metadata=outgoing_metadata())
+            r = await self._caches.stub().Store(req, timeout=max(1.0, 4 * self.timeout), metadata=outgoing_metadata())
             if not r.stored:
                 log.info("answer not cached", extra={"reason": r.reason})
-        except grpc.aio.AioRpcError as err:
-            log.warning("semantic cache store failed", extra={"code": err.code().name, "reason": err.details()})
+        except (grpc.aio.AioRpcError, Unavailable) as err:
+            log.warning("semantic cache store failed", extra=_why(err))
+
+
+def _why(err: Exception) -> dict:
+    if isinstance(err, grpc.aio.AioRpcError):
+        return {"code": err.code().name, "reason": err.details()}
+    return {"code": "UNAVAILABLE", "reason": str(err)}
 
 
 def cache_key(model: str, tenant_id: str, cache_salt: str, messages, prompt: str | None,

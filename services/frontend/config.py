@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from llmfabric.runtime.config import ConfigError, ServerSettings, setting
+from llmfabric.runtime.upstream import parse_target
 
 PREFIX = "LLMFABRIC_FRONTEND_"
 
@@ -14,17 +15,21 @@ class FrontendConfig(ServerSettings):
     """Settings of the frontend."""
 
     http_port: int = setting(0, help="OpenAI-compatible HTTP port (0 picks a free one)")
-    tokenizer: str = setting(help="tokenizer service host:port")
-    scheduler: str = setting(help="scheduler service host:port")
-    semcache: str = setting("", help="semantic cache service host:port ('' = no answer cache)")
+    tokenizer: str = setting(help="tokenizer: host:port[,...] or consul:<service>")
+    scheduler: str = setting(help="scheduler: host:port[,...] or consul:<service>")
+    semcache: str = setting("", help="semantic cache: host:port[,...] or consul:<service> ('' = no answer cache)")
     cache_timeout: float = setting(0.25, help="seconds a cache lookup may take before the request goes to the model")
 
     def validate(self) -> None:
         for name in ("tokenizer", "scheduler", "semcache"):
-            if name == "semcache" and not self.semcache:
+            value = getattr(self, name)
+            if name == "semcache" and not value:
                 continue
-            host, sep, port = getattr(self, name).rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise ConfigError(f"{PREFIX}{name.upper()}={getattr(self, name)!r}: expected host:port")
+            try:
+                target = parse_target(value, f"{PREFIX}{name.upper()}")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            if target.consul_service and not self.consul:
+                raise ConfigError(f"{PREFIX}{name.upper()}={value!r} needs {PREFIX}CONSUL (the agent's address)")
         if self.cache_timeout <= 0:
             raise ConfigError(f"{PREFIX}CACHE_TIMEOUT={self.cache_timeout}: must be positive")

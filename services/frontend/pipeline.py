@@ -15,12 +15,16 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
-
 from llmfabric.common.v1 import common_pb2
 from llmfabric.convert import chunk_from_pb, request_from_pb, request_to_pb
 from llmfabric.runtime.context import outgoing_metadata
-from llmfabric.runtime.errors import DeadlineExceeded, FabricError, error_from_rpc
-from llmfabric.runtime.server import GRPC_OPTIONS
+from llmfabric.runtime.errors import (
+    DeadlineExceeded,
+    FabricError,
+    Unavailable,
+    error_from_rpc,
+)
+from llmfabric.runtime.upstream import Upstream
 from llmfabric.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from llmfabric.structs import TokenChunk, ValidatedRequest
 from llmfabric.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
@@ -74,32 +78,36 @@ def _remaining(deadline: float | None) -> float | None:
 class Pipeline:
     """Clients of the tokenizer and the scheduler."""
 
-    def __init__(self, tokenizer_address: str, scheduler_address: str, cache: AnswerCache | None = None) -> None:
-        self._tok_channel = grpc.aio.insecure_channel(tokenizer_address, options=GRPC_OPTIONS)
-        self._sched_channel = grpc.aio.insecure_channel(scheduler_address, options=GRPC_OPTIONS)
-        self.tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(self._tok_channel)
-        self.scheduler = scheduler_pb2_grpc.SchedulerServiceStub(self._sched_channel)
+    def __init__(self, tokenizer: str, scheduler: str, cache: AnswerCache | None = None, *, consul_url: str = "") -> None:
+        """``tokenizer`` and ``scheduler`` are targets: ``host:port[,...]`` or ``consul:<service>``."""
+        self._tokenizers = Upstream("tokenizer", tokenizer, tokenizer_pb2_grpc.TokenizerServiceStub, consul_url=consul_url)
+        self._schedulers = Upstream("scheduler", scheduler, scheduler_pb2_grpc.SchedulerServiceStub, consul_url=consul_url)
         self.models: list[ModelCard] = []
         self.cache = cache  # None: no semantic cache configured
 
     async def connect(self, timeout: float = 120.0) -> None:
-        """Wait until the tokenizer answers and learn the served models."""
+        """Follow discovery, wait until a tokenizer answers and learn the served models."""
+        await self._tokenizers.start()
+        await self._schedulers.start()
+        if self.cache is not None:
+            await self.cache.start()
         start = time.monotonic()
         while True:
             try:
-                info = await self.tokenizer.GetModelInfo(tokenizer_pb2.GetModelInfoRequest(), timeout=5)
+                info = await self._tokenizers.stub().GetModelInfo(tokenizer_pb2.GetModelInfoRequest(), timeout=5)
                 self.models = [ModelCard(info.model, info.context_length, int(time.time()))]
                 return
-            except grpc.aio.AioRpcError as err:
+            except (grpc.aio.AioRpcError, Unavailable) as err:
                 if time.monotonic() - start > timeout:
-                    raise RuntimeError(f"tokenizer not reachable: {err.code().name} {err.details()}") from None
+                    why = f"{err.code().name} {err.details()}" if isinstance(err, grpc.aio.AioRpcError) else str(err)
+                    raise RuntimeError(f"tokenizer not reachable: {why}") from None
                 await asyncio.sleep(0.2)
 
     async def close(self) -> None:
         if self.cache is not None:
             await self.cache.close()
-        await self._tok_channel.close()
-        await self._sched_channel.close()
+        await self._tokenizers.close()
+        await self._schedulers.close()
 
     async def prepare(self, inp: GenerationInput, deadline: float | None) -> ValidatedRequest:
         req = tokenizer_pb2.PrepareRequest(
@@ -114,7 +122,7 @@ class Pipeline:
         else:
             req.prompt = inp.prompt or ""
         try:
-            resp = await self.tokenizer.Prepare(req, timeout=_remaining(deadline), metadata=outgoing_metadata())
+            resp = await self._tokenizers.stub().Prepare(req, timeout=_remaining(deadline), metadata=outgoing_metadata())
         except grpc.aio.AioRpcError as err:
             raise error_from_rpc(err) from None
         return request_from_pb(resp.request)
@@ -122,7 +130,7 @@ class Pipeline:
     async def stream(self, request: ValidatedRequest, deadline: float | None) -> AsyncIterator[TokenChunk]:
         """Chunks from the scheduler; cancelling the consumer cancels the call
         (and so the generation on the worker)."""
-        call = self.scheduler.Submit(
+        call = self._schedulers.stub().Submit(
             scheduler_pb2.SubmitRequest(request=request_to_pb(request)),
             timeout=_remaining(deadline),
             metadata=outgoing_metadata(),

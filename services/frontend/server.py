@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 
 from aiohttp import web
-
 from llmfabric.inference.v1 import inference_pb2_grpc
 from llmfabric.runtime.server import ServiceHost
 
@@ -22,8 +21,8 @@ log = logging.getLogger(__name__)
 class FrontendService:
     def __init__(self, cfg: FrontendConfig) -> None:
         self.cfg = cfg
-        cache = AnswerCache(cfg.semcache, cfg.cache_timeout) if cfg.semcache else None
-        self.pipeline = Pipeline(cfg.tokenizer, cfg.scheduler, cache)
+        cache = AnswerCache(cfg.semcache, cfg.cache_timeout, consul_url=cfg.consul) if cfg.semcache else None
+        self.pipeline = Pipeline(cfg.tokenizer, cfg.scheduler, cache, consul_url=cfg.consul)
         self.host = ServiceHost("frontend", cfg)
         self.host.add(SERVICE_NAME, inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(self.pipeline))
         self._runner: web.AppRunner | None = None
@@ -42,6 +41,10 @@ class FrontendService:
         """HTTP up, then wait for the tokenizer (models) before SERVING."""
         await self.start_http()
         await self.pipeline.connect()
+
+    def consul_meta(self) -> dict[str, str]:
+        """The OpenAI HTTP port rides along: the edge's control plane routes /v1/ there."""
+        return {"http_port": str(self.http_port)}
 
     async def drain_also(self) -> None:
         """Stop accepting HTTP and let in-flight requests finish (drain_seconds)."""

@@ -43,6 +43,8 @@ class ServerSettings:
     metrics_port: int = setting(0, help="Prometheus /metrics port (0 picks a free one, -1 disables)")
     drain_seconds: float = setting(20.0, help="grace period for in-flight RPCs after SIGTERM")
     log_level: str = setting("info", help="debug, info, warning or error")
+    consul: str = setting("", help="Consul agent HTTP address (http://host:8500): register there; '' = no Consul")
+    advertise: str = setting("", help="host other services reach this one at ('' = the bind host, or this host's address)")
 
 
 def _parse(raw: str, typ: Any, where: str) -> Any:

@@ -106,10 +106,13 @@ async def serve_until_signalled(
     ready: Callable[[], Awaitable[None]] | None = None,
     shutdown: Callable[[], Awaitable[None]] | None = None,
     drain_also: Callable[[], Awaitable[None]] | None = None,
+    announce: Callable[[], Awaitable[None]] | None = None,
+    withdraw: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Start ``host``, run ``ready`` (load models...) then mark it SERVING;
-    on SIGTERM/SIGINT drain (``drain_also`` runs alongside, e.g. an HTTP
-    server's own graceful stop) and then run ``shutdown``."""
+    """Start ``host``, run ``ready`` (load models...), mark it SERVING and
+    ``announce`` it (Consul registration); on SIGTERM/SIGINT ``withdraw`` it
+    first, then drain (``drain_also`` runs alongside, e.g. an HTTP server's
+    own graceful stop) and then run ``shutdown``."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -126,9 +129,13 @@ async def serve_until_signalled(
                 ready_task.cancel()
         if not stop.is_set():
             await host.set_serving(True)
+            if announce is not None:
+                await announce()
             await stop.wait()
         log.info("signal received")
     finally:
+        if withdraw is not None:
+            await withdraw()
         await asyncio.gather(host.drain(), *([drain_also()] if drain_also is not None else []))
         if shutdown is not None:
             await shutdown()

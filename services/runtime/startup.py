@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
 from .config import ConfigError, load_config
+from .consul import Registration, advertised_host
 from .server import ServiceHost, run_service, serve_until_signalled
 
 T = TypeVar("T")
@@ -60,6 +61,25 @@ def service_main(name: str, cls: type[T], prefix: str, build: Callable[[T], Serv
 
     async def run() -> None:
         svc = build(cfg)
-        await serve_until_signalled(svc.host, ready=svc.load, shutdown=svc.close, drain_also=getattr(svc, "drain_also", None))
+        registration: list[Registration] = []
+
+        async def announce() -> None:
+            consul_url = getattr(cfg, "consul", "")
+            if not consul_url:
+                return
+            meta_of = getattr(svc, "consul_meta", None)
+            reg = Registration(
+                consul_url, name, advertised_host(getattr(cfg, "advertise", "") or svc.host.settings.host),
+                svc.host.port, meta=meta_of() if meta_of is not None else {},
+            )
+            await reg.start()
+            registration.append(reg)
+
+        async def withdraw() -> None:
+            for reg in registration:
+                await reg.stop()
+
+        await serve_until_signalled(svc.host, ready=svc.load, shutdown=svc.close, drain_also=getattr(svc, "drain_also", None),
+                                    announce=announce, withdraw=withdraw)
 
     run_service(name, cfg, run)  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from llmfabric.runtime.config import ConfigError, ServerSettings, setting
+from llmfabric.runtime.upstream import parse_target
 
 from .router import RoutingPolicy
 
@@ -15,7 +16,7 @@ PREFIX = "LLMFABRIC_SCHEDULER_"
 class SchedulerConfig(ServerSettings):
     """Settings of the scheduler."""
 
-    workers: tuple[str, ...] = setting((), help="comma-separated worker host:port list (static discovery)")
+    workers: tuple[str, ...] = setting((), help="comma-separated worker host:port list, or consul:<service> to follow Consul")
     routing: str = setting("cache_aware", help="routing policy: cache_aware, least_load or round_robin")
     cache_threshold: float = setting(0.5, help="cache_aware: share of the prompt a worker's tree must match to win")
     balance_abs_threshold: int = setting(
@@ -42,11 +43,13 @@ class SchedulerConfig(ServerSettings):
 
     def validate(self) -> None:
         if not self.workers:
-            raise ConfigError(f"{PREFIX}WORKERS is required: comma-separated worker host:port addresses")
-        for addr in self.workers:
-            host, sep, port = addr.rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise ConfigError(f"{PREFIX}WORKERS: {addr!r} is not host:port")
+            raise ConfigError(f"{PREFIX}WORKERS is required: comma-separated worker host:port addresses or consul:<service>")
+        try:
+            target = parse_target(",".join(self.workers), f"{PREFIX}WORKERS")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if target.consul_service and not self.consul:
+            raise ConfigError(f"{PREFIX}WORKERS={','.join(self.workers)!r} needs {PREFIX}CONSUL (the agent's address)")
         policies = [p.value for p in RoutingPolicy]
         if self.routing not in policies:
             raise ConfigError(f"{PREFIX}ROUTING={self.routing!r}: must be one of {', '.join(policies)}")

@@ -26,7 +26,6 @@ from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import grpc
-
 from llmfabric.runtime.server import GRPC_OPTIONS
 from llmfabric.worker.v1 import worker_pb2, worker_pb2_grpc
 
@@ -117,6 +116,9 @@ class PoolListener(Protocol):
     def worker_removed(self, worker: WorkerHandle) -> None: ...
 
 
+RETIRE_GRACE = 300.0  # seconds a worker that left discovery keeps its in-flight streams
+
+
 class WorkerPool:
     """Worker handles kept in step with discovery and probed for health."""
 
@@ -143,6 +145,9 @@ class WorkerPool:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
+        start = getattr(self.discovery, "start", None)
+        if start is not None:
+            await start()
         self._apply(self.discovery.endpoints())
         self.discovery.subscribe(self._apply)
         await self.probe_all()
@@ -151,17 +156,21 @@ class WorkerPool:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        close = getattr(self.discovery, "close", None)
+        if close is not None:
+            await close()
         for w in self.workers.values():
             await w.channel.close()
 
     def _apply(self, endpoints: list[Endpoint]) -> None:
-        """Add new endpoints; drop vanished ones at once."""
+        """Add new endpoints; drop vanished ones at once (their streams get
+        ``retire_grace`` seconds to finish before the channel closes)."""
         wanted = {e.address: e for e in endpoints}
         for addr in list(self.workers):
             if addr not in wanted:
                 w = self.workers.pop(addr)
                 w.healthy = False
-                asyncio.get_event_loop().create_task(w.channel.close(grace=30))
+                asyncio.get_event_loop().create_task(w.channel.close(grace=RETIRE_GRACE))
                 for listener in self.listeners:
                     listener.worker_removed(w)
                 log.info("worker left discovery", extra={"worker": addr})

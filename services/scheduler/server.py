@@ -6,7 +6,7 @@ from llmfabric.runtime.server import ServiceHost
 from llmfabric.scheduler.v1 import scheduler_pb2_grpc
 
 from .config import SchedulerConfig
-from .discovery import Discovery, StaticDiscovery
+from .discovery import Discovery, from_config
 from .dispatcher import Dispatcher
 from .metrics import SchedulerMetrics
 from .pool import WorkerPool
@@ -21,7 +21,7 @@ class SchedulerService:
     def __init__(self, cfg: SchedulerConfig, discovery: Discovery | None = None) -> None:
         self.cfg = cfg
         self.pool = WorkerPool(
-            discovery or StaticDiscovery(cfg.workers), probe_interval=cfg.probe_interval,
+            discovery or from_config(cfg.workers, cfg.consul), probe_interval=cfg.probe_interval,
             breaker_failures=cfg.breaker_failures, breaker_cooldown=cfg.breaker_cooldown,
         )
         self.dispatcher = Dispatcher(

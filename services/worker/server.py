@@ -57,6 +57,12 @@ class WorkerService:
         if not self.servicer.worker_id:
             self.servicer.worker_id = f"worker-{self.host.port}"
 
+    def consul_meta(self) -> dict[str, str]:
+        """What Consul lists about this worker (model, engine, capacity)."""
+        info = self.engine.info
+        return {"worker_id": self.servicer.worker_id, "model": info.model, "engine": str(info.kind.value),
+                "capacity": str(info.capacity), "context_length": str(info.context_length)}
+
     async def close(self) -> None:
         await self.engine.stop()
 

@@ -43,24 +43,25 @@ def _ensure_built() -> None:
 
 _ensure_built()
 
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
-from grpc_reflection.v1alpha import (  # noqa: E402
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import (
     reflection,
     reflection_pb2,
     reflection_pb2_grpc,
 )
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (  # noqa: E402
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-
-from llmfabric.common.v1 import common_pb2  # noqa: E402
-from llmfabric.gateway import edge  # noqa: E402
-from llmfabric.inference.v1 import inference_pb2, inference_pb2_grpc  # noqa: E402
+from llmfabric.common.v1 import common_pb2
+from llmfabric.gateway import edge
+from llmfabric.inference.v1 import inference_pb2, inference_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
 SERVICE = "llmfabric.inference.v1.InferenceService"
-GATE = web.AppKey("gate", asyncio.Event)  # a gated chat request waits here after event 1
+GATE = web.AppKey(
+    "gate", asyncio.Event
+)  # a gated chat request waits here after event 1
 ALLOWED_ORIGIN = "http://app.example"
 
 
@@ -73,9 +74,13 @@ class EchoInference(inference_pb2_grpc.InferenceServiceServicer):
     @staticmethod
     async def _check(prompt: str, context: grpc.aio.ServicerContext) -> None:
         if "invalid" in prompt.split():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt: must not say invalid")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "prompt: must not say invalid"
+            )
         if "overload" in prompt.split():
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full, retry later")
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full, retry later"
+            )
 
     @staticmethod
     def _request_id(context: grpc.aio.ServicerContext) -> str:
@@ -86,7 +91,9 @@ class EchoInference(inference_pb2_grpc.InferenceServiceServicer):
         return inference_pb2.GenerateResponse(
             text=request.prompt.upper(),
             finish_reason=common_pb2.FINISH_REASON_STOP,
-            usage=common_pb2.Usage(prompt_tokens=2, completion_tokens=2, total_tokens=4),
+            usage=common_pb2.Usage(
+                prompt_tokens=2, completion_tokens=2, total_tokens=4
+            ),
             model="echo",
             request_id=self._request_id(context),
         )
@@ -111,7 +118,11 @@ class EchoInference(inference_pb2_grpc.InferenceServiceServicer):
 
     async def ListModels(self, request, context):
         return inference_pb2.ListModelsResponse(
-            models=[inference_pb2.Model(name="echo", context_length=2048, owned_by="llmfabric")]
+            models=[
+                inference_pb2.Model(
+                    name="echo", context_length=2048, owned_by="llmfabric"
+                )
+            ]
         )
 
 
@@ -145,7 +156,9 @@ async def grpc_port(servicer: EchoInference) -> AsyncIterator[int]:
 @pytest_asyncio.fixture(scope="module")
 async def http_app() -> AsyncIterator[tuple[web.Application, int]]:
     async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "echo", "object": "model"}]})
+        return web.json_response(
+            {"object": "list", "data": [{"id": "echo", "object": "model"}]}
+        )
 
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -172,39 +185,60 @@ async def http_app() -> AsyncIterator[tuple[web.Application, int]]:
 
 @dataclasses.dataclass
 class Edge:
-    """A running Envoy: its config, process, and stderr file."""
+    """A running Envoy: its policy, admin port, process, and stderr file."""
 
-    cfg: edge.EdgeConfig
+    policy: edge.EdgePolicy
+    admin_port: int
     proc: subprocess.Popen[bytes]
     stderr: pathlib.Path
+
+    @property
+    def listen_port(self) -> int:
+        return self.policy.listen_port
+
+    @property
+    def access_log_path(self) -> str:
+        return self.policy.access_log_path
 
 
 @pytest.fixture(scope="module")
 def envoy(
-    grpc_port: int, http_app: tuple[web.Application, int], tmp_path_factory: pytest.TempPathFactory
+    grpc_port: int,
+    http_app: tuple[web.Application, int],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Edge]:
-    """Start the real Envoy in its own session; stop it (kill if need be) at the end."""
+    """Start the real Envoy in its own session; stop it (kill if need be) at the end.
+
+    The edge is open (no API keys; test_edge_policies.py covers them) with a
+    generous rate limit, so these tests see transcoding alone.
+    """
     tmp = tmp_path_factory.mktemp("edge")
-    cfg = edge.EdgeConfig(
-        frontend_grpc_host="127.0.0.1",
-        frontend_grpc_port=grpc_port,
-        frontend_http_host="127.0.0.1",
-        frontend_http_port=http_app[1],
+    policy = edge.EdgePolicy(
         descriptor_path=str(DESCRIPTOR),
         listen_port=_free_port(),
-        admin_port=_free_port(),
         access_log_path=str(tmp / "access.log"),
         cors_allow_origins=(ALLOWED_ORIGIN,),
+        auth_required=False,
+        rate_limit=edge.RateLimit(requests_per_second=1000, burst=1000),
     )
+    admin_port = _free_port()
     config = tmp / "envoy.yaml"
-    config.write_text(edge.render_bootstrap(cfg))
+    config.write_text(
+        edge.render_static_bootstrap(
+            policy,
+            ("127.0.0.1", grpc_port),
+            ("127.0.0.1", http_app[1]),
+            "127.0.0.1",
+            admin_port,
+        )
+    )
     edge.validate_config(str(config))
     argv = edge.envoy_command(str(config), base_id=random.randrange(1_000, 1_000_000))
     argv += ["--file-flush-interval-msec", "50"]
     with open(tmp / "envoy.out", "wb") as out, open(tmp / "envoy.err", "wb") as err:
         proc = subprocess.Popen(argv, stdout=out, stderr=err, start_new_session=True)
     try:
-        yield Edge(cfg, proc, tmp / "envoy.err")
+        yield Edge(policy, admin_port, proc, tmp / "envoy.err")
     finally:
         proc.terminate()
         try:
@@ -215,9 +249,9 @@ def envoy(
 
 
 @pytest_asyncio.fixture(scope="module")
-async def edge_cfg(envoy: Edge) -> edge.EdgeConfig:
-    """The running edge's config, once its admin /ready answers 200."""
-    url = f"http://127.0.0.1:{envoy.cfg.admin_port}/ready"
+async def edge_cfg(envoy: Edge) -> Edge:
+    """The running edge, once its admin /ready answers 200."""
+    url = f"http://127.0.0.1:{envoy.admin_port}/ready"
     async with aiohttp.ClientSession() as session:
         for _ in range(400):
             if envoy.proc.poll() is not None:
@@ -225,22 +259,24 @@ async def edge_cfg(envoy: Edge) -> edge.EdgeConfig:
             try:
                 async with session.get(url) as resp:
                     if resp.status == 200:
-                        return envoy.cfg
+                        return envoy
             except aiohttp.ClientConnectionError:
                 pass
             await asyncio.sleep(0.05)
-    raise RuntimeError(f"envoy did not become ready:\n{envoy.stderr.read_text()[-4000:]}")
+    raise RuntimeError(
+        f"envoy did not become ready:\n{envoy.stderr.read_text()[-4000:]}"
+    )
 
 
 @pytest_asyncio.fixture
-async def http(edge_cfg: edge.EdgeConfig) -> AsyncIterator[aiohttp.ClientSession]:
+async def http(edge_cfg: Edge) -> AsyncIterator[aiohttp.ClientSession]:
     base = f"http://127.0.0.1:{edge_cfg.listen_port}"
     async with aiohttp.ClientSession(base_url=base) as session:
         yield session
 
 
 @pytest_asyncio.fixture
-async def channel(edge_cfg: edge.EdgeConfig) -> AsyncIterator[grpc.aio.Channel]:
+async def channel(edge_cfg: Edge) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{edge_cfg.listen_port}") as ch:
         yield ch
 
@@ -251,7 +287,8 @@ async def channel(edge_cfg: edge.EdgeConfig) -> AsyncIterator[grpc.aio.Channel]:
 async def test_grpc_unary_and_request_id(channel: grpc.aio.Channel) -> None:
     stub = inference_pb2_grpc.InferenceServiceStub(channel)
     resp = await stub.Generate(
-        inference_pb2.GenerateRequest(prompt="hi there"), metadata=[("x-request-id", "grpc-1")]
+        inference_pb2.GenerateRequest(prompt="hi there"),
+        metadata=[("x-request-id", "grpc-1")],
     )
     assert (resp.text, resp.model, resp.request_id) == ("HI THERE", "echo", "grpc-1")
     generated = await stub.Generate(inference_pb2.GenerateRequest(prompt="x"))
@@ -282,7 +319,7 @@ async def test_grpc_health_through_edge(channel: grpc.aio.Channel) -> None:
 
 
 async def test_grpc_reflection_through_edge(
-    channel: grpc.aio.Channel, edge_cfg: edge.EdgeConfig
+    channel: grpc.aio.Channel, edge_cfg: Edge
 ) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
 
@@ -325,7 +362,9 @@ async def test_unknown_grpc_method_reaches_upstream(channel: grpc.aio.Channel) -
 
 async def test_rest_unary(http: aiohttp.ClientSession) -> None:
     async with http.post(
-        "/api/v1/generate", json={"prompt": "hi there"}, headers={"x-request-id": "rest-1"}
+        "/api/v1/generate",
+        json={"prompt": "hi there"},
+        headers={"x-request-id": "rest-1"},
     ) as resp:
         assert resp.status == 200
         assert resp.headers["content-type"] == "application/json"
@@ -345,14 +384,20 @@ async def test_rest_unary(http: aiohttp.ClientSession) -> None:
 
 
 async def test_rest_optional_fields_and_unknowns(http: aiohttp.ClientSession) -> None:
-    body = {"prompt": "x", "options": {"sampling": {"temperature": 0, "seed": "7"}}, "unknown": 1}
+    body = {
+        "prompt": "x",
+        "options": {"sampling": {"temperature": 0, "seed": "7"}},
+        "unknown": 1,
+    }
     async with http.post("/api/v1/generate?utm=1", json=body) as resp:
         assert resp.status == 200  # unknown JSON fields and query params are ignored
 
 
 async def test_rest_stream_is_sse(http: aiohttp.ClientSession) -> None:
     async with http.post(
-        "/api/v1/generate:stream", json={"prompt": "a b c d"}, headers={"x-request-id": "sse-1"}
+        "/api/v1/generate:stream",
+        json={"prompt": "a b c d"},
+        headers={"x-request-id": "sse-1"},
     ) as resp:
         assert resp.status == 200
         assert resp.headers["content-type"] == "text/event-stream"
@@ -374,17 +419,27 @@ async def test_rest_stream_is_not_buffered(
     http: aiohttp.ClientSession, servicer: EchoInference
 ) -> None:
     servicer.gate.clear()
-    async with http.post("/api/v1/generate:stream", json={"prompt": "gated x y"}) as resp:
-        first = await resp.content.readuntil(b"\n\n")  # arrives while the server is blocked
+    async with http.post(
+        "/api/v1/generate:stream", json={"prompt": "gated x y"}
+    ) as resp:
+        first = await resp.content.readuntil(
+            b"\n\n"
+        )  # arrives while the server is blocked
         assert json.loads(first.removeprefix(b"data: "))["text"] == "gated"
         servicer.gate.set()
         rest = await resp.read()
     assert rest.count(b"data: ") == 2
 
 
-async def test_rest_stream_failure_midway_ends_stream(http: aiohttp.ClientSession) -> None:
-    async with http.post("/api/v1/generate:stream", json={"prompt": "x y midfail"}) as resp:
-        assert resp.status == 200  # headers were already sent: the error cannot change it
+async def test_rest_stream_failure_midway_ends_stream(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with http.post(
+        "/api/v1/generate:stream", json={"prompt": "x y midfail"}
+    ) as resp:
+        assert (
+            resp.status == 200
+        )  # headers were already sent: the error cannot change it
         raw = await resp.read()
     assert raw.count(b"data: ") == 3 and raw.endswith(b"\n\n")
 
@@ -393,7 +448,9 @@ async def test_rest_list_models(http: aiohttp.ClientSession) -> None:
     async with http.get("/api/v1/models") as resp:
         assert resp.status == 200
         assert await resp.json() == {
-            "models": [{"name": "echo", "context_length": 2048, "owned_by": "llmfabric"}]
+            "models": [
+                {"name": "echo", "context_length": 2048, "owned_by": "llmfabric"}
+            ]
         }
 
 
@@ -406,7 +463,12 @@ async def test_rest_list_models(http: aiohttp.ClientSession) -> None:
     ],
 )
 async def test_rest_grpc_errors(
-    http: aiohttp.ClientSession, path: str, prompt: str, status: int, code: int, message: str
+    http: aiohttp.ClientSession,
+    path: str,
+    prompt: str,
+    status: int,
+    code: int,
+    message: str,
 ) -> None:
     async with http.post(path, json={"prompt": prompt}) as resp:
         assert resp.status == status
@@ -415,7 +477,8 @@ async def test_rest_grpc_errors(
 
 
 @pytest.mark.parametrize(
-    "body", [b'{"prompt":', b'{"prompt": 5}', b"[1]", b'{"options": {"priority": "NOPE"}}']
+    "body",
+    [b'{"prompt":', b'{"prompt": 5}', b"[1]", b'{"options": {"priority": "NOPE"}}'],
 )
 async def test_rest_bad_json_is_400(http: aiohttp.ClientSession, body: bytes) -> None:
     headers = {"content-type": "application/json"}
@@ -428,7 +491,11 @@ async def test_rest_bad_json_is_400(http: aiohttp.ClientSession, body: bytes) ->
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/api/v1/generate"), ("POST", "/api/v1/generate%3Astream"), ("GET", "/nope")],
+    [
+        ("GET", "/api/v1/generate"),
+        ("POST", "/api/v1/generate%3Astream"),
+        ("GET", "/nope"),
+    ],
 )
 async def test_rest_unknown_route_is_404(
     http: aiohttp.ClientSession, method: str, path: str
@@ -477,7 +544,9 @@ async def test_cors_preflight(http: aiohttp.ClientSession) -> None:
 
 async def test_cors_on_responses(http: aiohttp.ClientSession) -> None:
     body = {"prompt": "x"}
-    async with http.post("/api/v1/generate", json=body, headers={"origin": ALLOWED_ORIGIN}) as resp:
+    async with http.post(
+        "/api/v1/generate", json=body, headers={"origin": ALLOWED_ORIGIN}
+    ) as resp:
         assert resp.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
         assert "grpc-status" in resp.headers["access-control-expose-headers"]
     other = {"origin": "http://evil.example"}
@@ -485,7 +554,7 @@ async def test_cors_on_responses(http: aiohttp.ClientSession) -> None:
         assert "access-control-allow-origin" not in resp.headers
 
 
-async def test_admin_prometheus(edge_cfg: edge.EdgeConfig) -> None:
+async def test_admin_prometheus(edge_cfg: Edge) -> None:
     url = f"http://127.0.0.1:{edge_cfg.admin_port}/stats/prometheus"
     async with aiohttp.ClientSession() as session, session.get(url) as resp:
         text = await resp.text()
@@ -494,9 +563,11 @@ async def test_admin_prometheus(edge_cfg: edge.EdgeConfig) -> None:
     assert 'envoy_cluster_name="frontend_grpc"' in text
 
 
-async def test_access_log_is_json(http: aiohttp.ClientSession, edge_cfg: edge.EdgeConfig) -> None:
+async def test_access_log_is_json(http: aiohttp.ClientSession, edge_cfg: Edge) -> None:
     headers = {"x-request-id": "log-1"}
-    async with http.post("/api/v1/generate", json={"prompt": "x"}, headers=headers) as resp:
+    async with http.post(
+        "/api/v1/generate", json={"prompt": "x"}, headers=headers
+    ) as resp:
         assert resp.status == 200
     log = pathlib.Path(edge_cfg.access_log_path)
     entry = None
