@@ -44,6 +44,7 @@ __all__ = [
     "generate_api_key",
     "load_api_keys",
     "load_api_keys_file",
+    "local_keys_path",
     "mask",
     "parse_api_keys",
     "validate_tenant",
@@ -159,6 +160,13 @@ def load_api_keys(environ: Mapping[str, str] = os.environ) -> tuple[ApiKey, ...]
                 f"{ENV_KEYS_FILE}: cannot read {path}: {err.strerror}"
             ) from None
     return _unique(keys)
+
+
+def local_keys_path() -> pathlib.Path:
+    """Where ``llmfabric up`` keeps its local key: ``$XDG_CONFIG_HOME/llmfabric/api-keys``
+    (default ``~/.config``), outside any repository."""
+    base = os.environ.get("XDG_CONFIG_HOME") or pathlib.Path.home() / ".config"
+    return pathlib.Path(base) / "llmfabric" / "api-keys"
 
 
 def generate_api_key() -> str:

@@ -187,3 +187,18 @@ class EdgePolicy:
         overrides = dict(self.tenant_rate_limits)
         for tenant in self.tenants:
             yield tenant, overrides.get(tenant, self.rate_limit)
+
+
+def parse_tenant_limits(text: str, what: str) -> tuple[tuple[str, RateLimit], ...]:
+    """``tenant=rps:burst,...`` -> per-tenant buckets."""
+    out = []
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        tenant, sep, spec = entry.partition("=")
+        rps, sep2, burst = spec.partition(":")
+        try:
+            out.append((tenant.strip(), RateLimit(float(rps), int(burst) if sep2 else max(1, int(float(rps) * 2)))))
+        except ValueError as exc:
+            raise ValueError(f"{what}: {entry!r} is not tenant=rps[:burst] ({exc})") from None
+        if not sep:
+            raise ValueError(f"{what}: {entry!r} is not tenant=rps[:burst]")
+    return tuple(out)

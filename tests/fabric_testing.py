@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import Callable
 
+import grpc
 import numpy as np
 
 GENERATION_TIMEOUT = 60.0  # bound on any single generation: a hang fails, never blocks the run
@@ -64,3 +65,35 @@ class BagOfWords:
                 out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % self.dim] += 1
             out[i] /= np.linalg.norm(out[i]) or 1
         return out
+
+
+class _Bearer:
+    def __init__(self, key: str) -> None:
+        self.pair = ("authorization", f"Bearer {key}")
+
+    def _details(self, details):
+        return details._replace(metadata=grpc.aio.Metadata(*(details.metadata or ()), self.pair))
+
+
+class _AuthUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
+    """Adds ``authorization: Bearer <key>`` to every unary call (what a client of the edge does)."""
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+
+class _AuthStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
+    """The same for server-streaming calls (grpc.aio files an interceptor under one kind only)."""
+
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+
+def edge_channel(target: str, key: str | None) -> grpc.aio.Channel:
+    """A channel to the edge that authenticates every call with ``key`` (None: no credentials)."""
+    return grpc.aio.insecure_channel(target, interceptors=[_AuthUnary(key), _AuthStream(key)] if key else None)
+
+
+def bearer(key: str) -> dict[str, str]:
+    """HTTP headers that authenticate with ``key``."""
+    return {"authorization": f"Bearer {key}"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from llmfabric.gateway.policy import parse_tenant_limits
 from llmfabric.runtime.config import ConfigError, ServerSettings, setting
 from llmfabric.runtime.upstream import parse_target
 
@@ -26,6 +27,7 @@ class XdsConfig(ServerSettings):
     auth: bool = setting(True, help="require an API key (false: every caller is anonymous; development only)")
     rate_limit_rps: float = setting(20.0, help="requests per second per tenant at the edge (0 = no limit)")
     rate_limit_burst: int = setting(40, help="requests a tenant may send at once above its rate")
+    tenant_rate_limits: str = setting("", help="per-tenant overrides: tenant=rps[:burst],...")
     max_request_bytes: int = setting(1 << 20, help="largest request body the edge accepts (413 / RESOURCE_EXHAUSTED above)")
     cors_origins: tuple[str, ...] = setting(("*",), help="comma-separated origins allowed by CORS ('*' = any)")
     stream_idle_timeout_s: int = setting(300, help="a stream silent this long in both directions is reset")
@@ -45,6 +47,10 @@ class XdsConfig(ServerSettings):
                               f"or {PREFIX}API_KEYS, or {PREFIX}AUTH=false for development")
         if self.rate_limit_rps < 0 or self.rate_limit_burst < 1:
             raise ConfigError(f"{PREFIX}RATE_LIMIT_RPS must be >= 0 and {PREFIX}RATE_LIMIT_BURST >= 1")
+        try:
+            parse_tenant_limits(self.tenant_rate_limits, f"{PREFIX}TENANT_RATE_LIMITS")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if not 0 < self.listen_port < 65536:
             raise ConfigError(f"{PREFIX}LISTEN_PORT={self.listen_port}: not a port")
         if self.max_request_bytes < 1024:

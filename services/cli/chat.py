@@ -10,7 +10,8 @@ from llmfabric.common.v1 import common_pb2
 from llmfabric.inference.v1 import inference_pb2, inference_pb2_grpc
 
 
-async def run_chat(edge: str, prompt: str, system: str, max_tokens: int, temperature: float | None) -> int:
+async def run_chat(edge: str, prompt: str, system: str, max_tokens: int, temperature: float | None,
+                   api_key: str = "") -> int:
     sampling = common_pb2.SamplingParams(max_tokens=max_tokens)
     if temperature is not None:
         sampling.temperature = temperature
@@ -20,7 +21,8 @@ async def run_chat(edge: str, prompt: str, system: str, max_tokens: int, tempera
     async with grpc.aio.insecure_channel(edge) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         try:
-            async for chunk in stub.ChatStream(request, timeout=300):
+            metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+            async for chunk in stub.ChatStream(request, timeout=300, metadata=metadata):
                 sys.stdout.write(chunk.delta)
                 sys.stdout.flush()
                 if chunk.HasField("usage"):

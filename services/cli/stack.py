@@ -1,8 +1,12 @@
-"""The local stack: tokenizer, N workers, scheduler, frontend and the Envoy
-edge as processes on loopback (with ``engine="triton"`` also one Triton per
-worker, ``python -m llmfabric.tritonserve``, each worker's engine pointing at
-its own). Used by ``llmfabric up`` and by the integration tests (so both run
-exactly the same thing)."""
+"""The local stack: tokenizer, semantic cache, N workers, scheduler,
+frontend(s), the xDS control plane and the Envoy edge as processes on
+loopback (with ``engine="triton"`` also one Triton per worker, ``python -m
+llmfabric.tritonserve``, each worker's engine pointing at its own). Envoy
+always gets its listener, clusters and endpoints from the control plane
+(ADS); with ``discovery="static"`` the control plane and the services use
+the planned addresses, with ``discovery="consul"`` every service registers
+in Consul and every consumer follows it. Used by ``llmfabric up`` and by the
+integration tests (so both run exactly the same thing)."""
 
 from __future__ import annotations
 
@@ -12,11 +16,13 @@ import json
 import os
 import pathlib
 import random
+import shutil
 import sys
 import time
 import urllib.request
 
-from llmfabric.gateway.edge import EdgeConfig, envoy_command, render_bootstrap, validate_config
+from llmfabric.gateway.edge import envoy_command, validate_config
+from llmfabric.gateway.render import render_ads_bootstrap
 from llmfabric.runtime.health import check
 
 from .processes import Child, free_port, stop_all
@@ -42,6 +48,14 @@ class StackOptions:
     log_level: str = "info"  # services' log level
     drain_seconds: float = 10.0  # graceful stop budget per service
     semcache: bool = True  # run the semantic answer cache (snapshot in state_dir/semcache.bin)
+    frontends: int = 1  # frontend processes behind the edge
+    discovery: str = "static"  # "static" (planned addresses) or "consul"
+    consul_url: str = ""  # discovery="consul": this agent ('' = start `consul agent -dev` from PATH)
+    api_keys_file: pathlib.Path | None = None  # key:tenant lines for the edge (re-read when it changes)
+    api_keys: str = ""  # or key:tenant pairs, comma-separated; neither = no authentication
+    rate_limit_rps: float = 0.0  # edge requests per second per tenant (0 = unlimited; `llmfabric up` sets 20)
+    rate_limit_burst: int = 40  # requests a tenant may send at once
+    tenant_rate_limits: str = ""  # per-tenant overrides: tenant=rps[:burst],...
 
 
 @dataclasses.dataclass(slots=True)
@@ -64,6 +78,7 @@ class Stack:
         self.opts = opts
         self.services: list[Service] = []
         self.state_dir = opts.state_dir.resolve()
+        self.consul_url = ""  # the agent services register with ('' = static discovery)
 
     # ------------------------------------------------------------ planning
     def _svc(self, name: str, module: str, args: list[str], env_prefix: str, extra_env: dict[str, str]) -> Service:
@@ -72,12 +87,17 @@ class Stack:
         env = {
             f"{env_prefix}HOST": h, f"{env_prefix}PORT": str(port), f"{env_prefix}METRICS_PORT": str(mport),
             f"{env_prefix}LOG_LEVEL": self.opts.log_level, f"{env_prefix}DRAIN_SECONDS": str(self.opts.drain_seconds),
+            **({f"{env_prefix}CONSUL": self.consul_url} if self.consul_url else {}),
             **extra_env,
         }
         argv = [sys.executable, "-m", f"llmfabric.{module}", *args]
-        svc = Service(name, module, f"{h}:{port}", metrics=f"{h}:{mport}")
+        svc = Service(name, module.rsplit(".", 1)[-1], f"{h}:{port}", metrics=f"{h}:{mport}")
         svc.child = Child(name, argv, self.state_dir / "logs" / f"{name}.log", env=env)
         return svc
+
+    def _target(self, consul_service: str, services: list[Service]) -> str:
+        """How a consumer finds ``services``: Consul, or their planned addresses."""
+        return f"consul:{consul_service}" if self.consul_url else ",".join(s.grpc for s in services)
 
     def _triton(self, name: str) -> Service:
         """A ``python -m llmfabric.tritonserve`` (Triton through PyTriton, the embedded engine inside)."""
@@ -99,6 +119,13 @@ class Stack:
         o = self.opts
         if o.engine not in ("embedded", "triton"):
             raise ValueError(f"engine {o.engine!r}: must be embedded or triton")
+        if o.discovery not in ("static", "consul"):
+            raise ValueError(f"discovery {o.discovery!r}: must be static or consul")
+        if o.frontends < 1:
+            raise ValueError("frontends must be >= 1")
+        consul = self._consul_agent() if o.discovery == "consul" and not o.consul_url else []
+        self.consul_url = o.consul_url if o.discovery == "consul" and o.consul_url else (
+            f"http://{consul[0].http}" if consul else "")
         ctx = str(o.context_length)
         tok = self._svc("tokenizer", "tokenizer", [], "LLMFABRIC_TOKENIZER_", {"LLMFABRIC_TOKENIZER_CONTEXT_LENGTH": ctx})
         tritons = [self._triton(f"triton-{i}") for i in range(o.workers)] if o.engine == "triton" else []
@@ -112,19 +139,51 @@ class Stack:
             for i in range(o.workers)
         ]
         sched = self._svc("scheduler", "scheduler", [], "LLMFABRIC_SCHEDULER_", {
-            "LLMFABRIC_SCHEDULER_WORKERS": ",".join(w.grpc for w in workers),
+            "LLMFABRIC_SCHEDULER_WORKERS": self._target("worker", workers),
             "LLMFABRIC_SCHEDULER_ROUTING": o.routing,
         })
         cache = [self._svc("semcache", "semcache", [], "LLMFABRIC_SEMCACHE_", {
             "LLMFABRIC_SEMCACHE_SNAPSHOT_PATH": str(self.state_dir / "semcache.bin"),
         })] if o.semcache else []
-        http_port = free_port(o.host)
-        front = self._svc("frontend", "frontend", [], "LLMFABRIC_FRONTEND_", {
-            "LLMFABRIC_FRONTEND_TOKENIZER": tok.grpc, "LLMFABRIC_FRONTEND_SCHEDULER": sched.grpc,
-            "LLMFABRIC_FRONTEND_HTTP_PORT": str(http_port), "LLMFABRIC_FRONTEND_SEMCACHE": cache[0].grpc if cache else "",
+        fronts = []
+        for i in range(o.frontends):
+            http_port = free_port(o.host)
+            front = self._svc("frontend" if o.frontends == 1 else f"frontend-{i}", "frontend", [], "LLMFABRIC_FRONTEND_", {
+                "LLMFABRIC_FRONTEND_TOKENIZER": self._target("tokenizer", [tok]),
+                "LLMFABRIC_FRONTEND_SCHEDULER": self._target("scheduler", [sched]),
+                "LLMFABRIC_FRONTEND_HTTP_PORT": str(http_port),
+                "LLMFABRIC_FRONTEND_SEMCACHE": self._target("semcache", cache) if cache else "",
+            })
+            front.http = f"{o.host}:{http_port}"
+            fronts.append(front)
+        xds = self._svc("xds", "gateway.controlplane", [], "LLMFABRIC_XDS_", {
+            "LLMFABRIC_XDS_FRONTEND": self._target("frontend", fronts),
+            "LLMFABRIC_XDS_FRONTEND_HTTP": ",".join(f.http for f in fronts),
+            "LLMFABRIC_XDS_DESCRIPTOR_PATH": str(DESCRIPTOR),
+            "LLMFABRIC_XDS_LISTEN_HOST": o.host, "LLMFABRIC_XDS_LISTEN_PORT": str(o.edge_port),
+            "LLMFABRIC_XDS_ACCESS_LOG_PATH": str(self.state_dir / "logs" / "access.log"),
+            "LLMFABRIC_XDS_AUTH": "true" if o.api_keys_file or o.api_keys else "false",
+            "LLMFABRIC_XDS_API_KEYS_FILE": str(o.api_keys_file or ""),
+            "LLMFABRIC_XDS_API_KEYS": o.api_keys,
+            "LLMFABRIC_XDS_RATE_LIMIT_RPS": str(o.rate_limit_rps),
+            "LLMFABRIC_XDS_RATE_LIMIT_BURST": str(o.rate_limit_burst),
+            "LLMFABRIC_XDS_TENANT_RATE_LIMITS": o.tenant_rate_limits,
         })
-        front.http = f"{o.host}:{http_port}"
-        self.services = [tok, *cache, *tritons, *workers, sched, front]
+        self.services = [*consul, tok, *cache, *tritons, *workers, sched, *fronts, xds]
+
+    def _consul_agent(self) -> list[Service]:
+        """A ``consul agent -dev`` (in memory, loopback only) for discovery="consul"."""
+        binary = shutil.which("consul")
+        if binary is None:
+            raise RuntimeError("discovery=consul needs a Consul agent: install `consul` on PATH or pass its address")
+        h = self.opts.host
+        http_port = free_port(h)
+        ports = {flag: str(free_port(h)) for flag in ("-server-port", "-serf-lan-port", "-serf-wan-port")}
+        argv = [binary, "agent", "-dev", "-bind", h, "-client", h, "-http-port", str(http_port),
+                "-grpc-port", "-1", "-dns-port", "-1", *[x for kv in ports.items() for x in kv]]
+        svc = Service("consul", "consul", "", http=f"{h}:{http_port}")
+        svc.child = Child("consul", argv, self.state_dir / "logs" / "consul.log")
+        return [svc]
 
     # ------------------------------------------------------------ running
     async def start(self, timeout: float = 180.0) -> None:
@@ -134,13 +193,16 @@ class Stack:
             self.plan()
         base_env = dict(os.environ)  # the user's LLMFABRIC_* tuning passes through; ours win
         tritons = [s for s in self.services if s.kind == "tritonserve"]
-        tiers = [[s for s in self.services if s.kind in ("tokenizer", "semcache", "tritonserve")],
+        tiers = [[s for s in self.services if s.kind in ("tokenizer", "semcache", "tritonserve", "controlplane")],
                  [s for s in self.services if s.kind == "worker"],
                  [s for s in self.services if s.kind == "scheduler"],
                  [s for s in self.services if s.kind == "frontend"]]
         try:
             if not tritons:  # embedded workers load their model alongside the tokenizer
                 tiers[:2] = [tiers[0] + tiers[1]]
+            consul = [s for s in self.services if s.kind == "consul"]
+            if consul:  # everyone registers there: it goes first
+                tiers.insert(0, consul)
             for tier in tiers:
                 for svc in tier:
                     svc.child.start(base_env)  # type: ignore[union-attr]
@@ -159,6 +221,8 @@ class Stack:
                 raise RuntimeError(f"{svc.name} exited during start; last log lines:\n{svc.child.log_tail()}")  # type: ignore[union-attr]
             if svc.kind == "tritonserve":  # Triton's readiness: the server, then the model
                 status = await asyncio.to_thread(_triton_ready, svc.http)
+            elif svc.kind == "consul":  # a leader elected: the agent answers catalog queries
+                status = await asyncio.to_thread(_consul_ready, svc.http)
             else:
                 status = await check(svc.grpc, timeout=1.0)
             if status == "SERVING":
@@ -167,17 +231,11 @@ class Stack:
         raise TimeoutError(f"{svc.name} not SERVING after {timeout:.0f}s (last: {status}); log:\n{svc.child.log_tail()}")  # type: ignore[union-attr]
 
     async def _start_edge(self, timeout: float) -> None:
+        """Envoy with only a bootstrap: listener, clusters and endpoints come from the control plane."""
         o = self.opts
-        front = next(s for s in self.services if s.kind == "frontend")
-        fh, fp = front.grpc.rsplit(":", 1)
-        hh, hp = front.http.rsplit(":", 1)
-        cfg = EdgeConfig(
-            frontend_grpc_host=fh, frontend_grpc_port=int(fp), frontend_http_host=hh, frontend_http_port=int(hp),
-            descriptor_path=str(DESCRIPTOR), listen_host=o.host, listen_port=o.edge_port,
-            admin_host=o.host, admin_port=o.admin_port,
-        )
+        xh, xp = self.get("xds").grpc.rsplit(":", 1)
         path = self.state_dir / "envoy.yaml"
-        path.write_text(render_bootstrap(cfg))
+        path.write_text(render_ads_bootstrap("llmfabric-edge", o.host, o.admin_port, xh, int(xp)))
         await asyncio.to_thread(validate_config, str(path))
         edge = Service("edge", "envoy", f"{o.host}:{o.edge_port}", metrics=f"{o.host}:{o.admin_port}", http=f"{o.host}:{o.admin_port}")
         edge.child = Child("edge", envoy_command(str(path), base_id=random.randint(1000, 60000)), self.state_dir / "logs" / "edge.log")
@@ -205,7 +263,8 @@ class Stack:
         state = {
             "edge": f"{self.opts.host}:{self.opts.edge_port}",
             "admin": f"{self.opts.host}:{self.opts.admin_port}",
-            "services": [_state(s) for s in self.services if s.kind != "tritonserve"],
+            "services": [_state(s) for s in self.services if s.kind not in ("tritonserve", "consul")],
+            "consul": self.consul_url,
             # not under "services": `llmfabric status` checks grpc.health.v1 there, which Triton does not serve
             "triton": [_state(s) for s in self.services if s.kind == "tritonserve"],
         }
@@ -213,6 +272,9 @@ class Stack:
 
     def get(self, name: str) -> Service:
         return next(s for s in self.services if s.name == name)
+
+    def of_kind(self, kind: str) -> list[Service]:
+        return [s for s in self.services if s.kind == kind]
 
 
 def _state(s: Service) -> dict:
@@ -225,6 +287,16 @@ def _triton_ready(http: str) -> str:
     if not _http_ok(f"http://{http}/v2/health/ready"):
         return "NOT_READY: /v2/health/ready"
     return "SERVING" if _http_ok(f"http://{http}/v2/models/{TRITON_MODEL}/ready") else "NOT_READY: model"
+
+
+def _consul_ready(http: str) -> str:
+    """"SERVING" once the agent reports a leader (``GET /v1/status/leader`` is non-empty)."""
+    try:
+        with urllib.request.urlopen(f"http://{http}/v1/status/leader", timeout=1) as resp:  # noqa: S310 - loopback
+            leader = json.loads(resp.read() or b'""')
+    except (OSError, ValueError):
+        return "UNREACHABLE"
+    return "SERVING" if leader else "NO_LEADER"
 
 
 def _http_ok(url: str) -> bool:

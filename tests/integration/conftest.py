@@ -10,6 +10,10 @@ import pytest
 
 from llmfabric.cli.processes import free_port
 from llmfabric.cli.stack import Stack, StackOptions
+from llmfabric.gateway.apikeys import generate_api_key
+
+TENANT = "itest"  # the tenant of the shared stack's API key
+API_KEY = generate_api_key()  # made up per session, never written to the repo
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +27,7 @@ def stack(tmp_path_factory) -> Stack:
         capacity=4,
         context_length=2048,
         semcache=False,  # these tests need the engine to answer; test_semcache_edge.py runs its own stack with it
+        api_keys=f"{API_KEY}:{TENANT}",
     )
     st = Stack(opts)
     asyncio.run(st.start())
@@ -44,3 +49,9 @@ def admin(stack: Stack) -> str:
 @pytest.fixture(scope="session")
 def worker_address(stack: Stack) -> str:
     return stack.get("worker-0").grpc
+
+
+@pytest.fixture(scope="session")
+def api_key(stack: Stack) -> str:
+    """The shared stack's API key (tenant ``itest``)."""
+    return API_KEY

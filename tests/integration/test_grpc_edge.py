@@ -8,6 +8,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from fabric_testing import bearer, edge_channel
+
 from llmfabric.common.v1 import common_pb2
 from llmfabric.inference.v1 import inference_pb2, inference_pb2_grpc
 
@@ -21,8 +23,8 @@ def _opts(**sampling) -> inference_pb2.RequestOptions:
 
 
 @pytest.fixture
-async def stub(edge):
-    async with grpc.aio.insecure_channel(edge) as channel:
+async def stub(edge, api_key):
+    async with edge_channel(edge, api_key) as channel:
         yield inference_pb2_grpc.InferenceServiceStub(channel)
 
 
@@ -93,14 +95,15 @@ async def test_list_models(stub):
     assert resp.models[0].context_length == 2048
 
 
-async def test_health_and_reflection_through_edge(edge):
-    async with grpc.aio.insecure_channel(edge) as channel:
+async def test_health_and_reflection_through_edge(edge, api_key):
+    async with grpc.aio.insecure_channel(edge) as channel:  # health needs no key (probes)
         health = health_pb2_grpc.HealthStub(channel)
         resp = await health.Check(health_pb2.HealthCheckRequest(service="llmfabric.inference.v1.InferenceService"), timeout=5)
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
         refl = reflection_pb2_grpc.ServerReflectionStub(channel)
         names = []
-        async for r in refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5):
+        requests = iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        async for r in refl.ServerReflectionInfo(requests, timeout=5, metadata=bearer(api_key).items()):
             names = [s.name for s in r.list_services_response.service]
         assert "llmfabric.inference.v1.InferenceService" in names
         assert "grpc.health.v1.Health" in names

@@ -8,6 +8,7 @@ import json
 import aiohttp
 import openai
 import pytest
+from fabric_testing import bearer
 
 pytestmark = pytest.mark.integration
 
@@ -29,8 +30,8 @@ def _sse_events(raw: bytes) -> list[str]:
 
 
 @pytest.fixture
-async def http(edge):
-    async with aiohttp.ClientSession(f"http://{edge}") as session:
+async def http(edge, api_key):
+    async with aiohttp.ClientSession(f"http://{edge}", headers=bearer(api_key)) as session:
         yield session
 
 
@@ -113,8 +114,8 @@ async def test_openai_raw_sse_ends_with_done(http):
 
 
 @pytest.fixture
-def client(edge):
-    return openai.OpenAI(base_url=f"http://{edge}/v1", api_key="unused", max_retries=0, timeout=60)
+def client(edge, api_key):
+    return openai.OpenAI(base_url=f"http://{edge}/v1", api_key=api_key, max_retries=0, timeout=60)
 
 
 def test_openai_sdk_chat(client):

@@ -15,6 +15,7 @@ import urllib.request
 import aiohttp
 import grpc
 import pytest
+from fabric_testing import bearer, edge_channel
 
 from llmfabric.cli.processes import free_port
 from llmfabric.cli.stack import Stack, StackOptions
@@ -53,10 +54,10 @@ async def _wait_idle(address: str, polls: int = 100) -> worker_pb2.GetLoadRespon
     return load
 
 
-async def test_grpc_client_disconnect_frees_the_worker(edge, stack):
+async def test_grpc_client_disconnect_frees_the_worker(edge, stack, api_key):
     worker = stack.get("worker-0")
     before = _metric(worker.metrics, "llmfabric_worker_requests_total", 'finish_reason="cancelled"')
-    channel = grpc.aio.insecure_channel(edge)
+    channel = edge_channel(edge, api_key)
     stub = inference_pb2_grpc.InferenceServiceStub(channel)
     call = stub.ChatStream(inference_pb2.ChatStreamRequest(
         messages=LONG, options=inference_pb2.RequestOptions(sampling=common_pb2.SamplingParams(max_tokens=1500, temperature=0.8))))
@@ -76,12 +77,12 @@ async def test_grpc_client_disconnect_frees_the_worker(edge, stack):
     assert _metric(worker.metrics, "llmfabric_worker_requests_total", 'finish_reason="cancelled"') == before + 1
 
 
-async def test_http_client_disconnect_frees_the_worker(edge, stack):
+async def test_http_client_disconnect_frees_the_worker(edge, stack, api_key):
     worker = stack.get("worker-0")
     before = _metric(worker.metrics, "llmfabric_worker_requests_total", 'finish_reason="cancelled"')
     payload = {"stream": True, "max_tokens": 1500, "temperature": 0.8,
                "messages": [{"role": m.role, "content": m.content} for m in LONG]}
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=bearer(api_key)) as session:
         resp = await session.post(f"http://{edge}/v1/chat/completions", json=payload)
         assert resp.status == 200
         for _ in range(3):
@@ -92,8 +93,8 @@ async def test_http_client_disconnect_frees_the_worker(edge, stack):
     assert _metric(worker.metrics, "llmfabric_worker_requests_total", 'finish_reason="cancelled"') == before + 1
 
 
-async def test_deadline_reaches_the_worker(edge, stack):
-    async with grpc.aio.insecure_channel(edge) as channel:
+async def test_deadline_reaches_the_worker(edge, stack, api_key):
+    async with edge_channel(edge, api_key) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Chat(inference_pb2.ChatRequest(messages=LONG, options=inference_pb2.RequestOptions(

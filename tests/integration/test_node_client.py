@@ -5,6 +5,7 @@ through the Envoy edge."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -38,10 +39,11 @@ def node() -> str:
     return exe
 
 
-def run_client(node: str, edge: str, mode: str, *, expect_exit: int = 0) -> dict:
+def run_client(node: str, edge: str, mode: str, key: str, *, expect_exit: int = 0) -> dict:
     proc = subprocess.run(
         [node, str(CLIENT), edge, mode],
         cwd=ROOT,
+        env={**os.environ, "LLMFABRIC_API_KEY": key},
         capture_output=True,
         text=True,
         timeout=120,
@@ -66,24 +68,30 @@ def check_answer(out: dict) -> None:
     assert usage["prompt_tokens"] > 0, out
 
 
-def test_chat_stream(node: str, edge: str) -> None:
-    check_answer(run_client(node, edge, "stream"))
+def test_chat_stream(node: str, edge: str, api_key: str) -> None:
+    check_answer(run_client(node, edge, "stream", api_key))
 
 
-def test_chat_unary(node: str, edge: str) -> None:
-    out = run_client(node, edge, "unary")
+def test_chat_unary(node: str, edge: str, api_key: str) -> None:
+    out = run_client(node, edge, "unary", api_key)
     check_answer(out)
     assert out["role"] == "assistant", out
 
 
-def test_list_models(node: str, edge: str) -> None:
-    out = run_client(node, edge, "models")
+def test_list_models(node: str, edge: str, api_key: str) -> None:
+    out = run_client(node, edge, "models", api_key)
     assert out["ok"] is True, out
     assert MODEL in [m["name"] for m in out["models"]], out
 
 
-def test_empty_messages_is_invalid_argument(node: str, edge: str) -> None:
-    out = run_client(node, edge, "bad")
+def test_empty_messages_is_invalid_argument(node: str, edge: str, api_key: str) -> None:
+    out = run_client(node, edge, "bad", api_key)
     assert out["ok"] is False, out
     assert out["code"] == 3, out  # INVALID_ARGUMENT
     assert "messages" in out["details"], out
+
+
+def test_missing_key_is_unauthenticated(node: str, edge: str) -> None:
+    out = run_client(node, edge, "bad", "")
+    assert out["ok"] is False, out
+    assert out["code"] == 16, out  # UNAUTHENTICATED: the edge wants an API key

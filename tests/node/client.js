@@ -170,7 +170,15 @@ async function main() {
     throw new UsageError('usage: node client.js HOST:PORT stream|unary|models|bad');
   }
   const Service = loadService();
-  const client = new Service(address, grpc.credentials.createInsecure());
+  // The edge wants an API key: `authorization: Bearer <key>` on every call.
+  const key = process.env.LLMFABRIC_API_KEY || '';
+  const auth = (options, nextCall) => new grpc.InterceptingCall(nextCall(options), {
+    start(metadata, listener, next) {
+      if (key) metadata.set('authorization', `Bearer ${key}`);
+      next(metadata, listener);
+    },
+  });
+  const client = new Service(address, grpc.credentials.createInsecure(), { interceptors: [auth] });
   try {
     const { result, ok, err } = await run(client, mode);
     emit(result);

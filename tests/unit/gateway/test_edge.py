@@ -369,9 +369,8 @@ def test_routes(descriptor: str) -> None:
         == routes["grpc"]["route"]["timeout"]
         == "30s"
     )
-    assert routes["grpc"]["route"]["max_stream_duration"] == {
-        "grpc_timeout_header_max": "0s"
-    }
+    # grpc-timeout is enforced upstream (the frontend), not raced by Envoy
+    assert "max_stream_duration" not in routes["grpc"]["route"]
     open_routes = _routes(
         edge.render_listener(_policy(descriptor, auth_required=False, rate_limit=None))
     )
