@@ -29,7 +29,10 @@ from .processes import Child, free_port, stop_all
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DESCRIPTOR = ROOT / "build" / "llmfabric.pb"
-TRITON_MODEL = "llmfabric_llm"  # the decoupled model each tritonserve serves (vLLM backend tensor names)
+TRITON_MODEL = "llmfabric_llm"
+# Service kind -> the name it registers under in Consul (runtime.startup: the service's own name).
+CONSUL_NAMES = {"tokenizer": "tokenizer", "semcache": "semcache", "worker": "worker", "scheduler": "scheduler",
+                "frontend": "frontend", "controlplane": "xds"}  # the decoupled model each tritonserve serves (vLLM backend tensor names)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -207,6 +210,8 @@ class Stack:
                 for svc in tier:
                     svc.child.start(base_env)  # type: ignore[union-attr]
                 await asyncio.gather(*(self._wait_serving(s, timeout) for s in tier))
+                if self.consul_url:  # the next tier finds this one through Consul
+                    await self._wait_passing(tier, timeout)
             await self._start_edge(timeout)
         except BaseException:
             self.stop()
@@ -229,6 +234,22 @@ class Stack:
                 return
             await asyncio.sleep(0.1)
         raise TimeoutError(f"{svc.name} not SERVING after {timeout:.0f}s (last: {status}); log:\n{svc.child.log_tail()}")  # type: ignore[union-attr]
+
+    async def _wait_passing(self, tier: list[Service], timeout: float) -> None:
+        """Until Consul lists every service of ``tier`` as passing (registered, first check done)."""
+        wanted: dict[str, int] = {}
+        for svc in tier:
+            name = CONSUL_NAMES.get(svc.kind)
+            if name:
+                wanted[name] = wanted.get(name, 0) + 1
+        deadline = time.monotonic() + timeout
+        for name, count in wanted.items():
+            seen = -1
+            while (seen := await asyncio.to_thread(_consul_passing, self.consul_url, name)) < count:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{count} {name} instance(s) not passing in Consul after {timeout:.0f}s "
+                                       f"(passing: {seen}); see {self.state_dir / 'logs'}")
+                await asyncio.sleep(0.1)
 
     async def _start_edge(self, timeout: float) -> None:
         """Envoy with only a bootstrap: listener, clusters and endpoints come from the control plane."""
@@ -287,6 +308,15 @@ def _triton_ready(http: str) -> str:
     if not _http_ok(f"http://{http}/v2/health/ready"):
         return "NOT_READY: /v2/health/ready"
     return "SERVING" if _http_ok(f"http://{http}/v2/models/{TRITON_MODEL}/ready") else "NOT_READY: model"
+
+
+def _consul_passing(url: str, service: str) -> int:
+    """How many instances of ``service`` pass their checks (-1: Consul not answering)."""
+    try:
+        with urllib.request.urlopen(f"{url}/v1/health/service/{service}?passing=1", timeout=2) as resp:  # noqa: S310
+            return len(json.loads(resp.read()))
+    except (OSError, ValueError):
+        return -1
 
 
 def _consul_ready(http: str) -> str:

@@ -12,7 +12,10 @@ at once when the index moved, or after ``wait`` with no change; a return does
 not mean a change, so callers hear only real changes. On errors it backs off
 with jitter and keeps the last known healthy set (an unreachable Consul must
 not empty a pool). An index that goes backwards (the agent restarted) resets
-the query; an index below 1 is treated as 1, as Consul's docs ask.
+the query; an index below 1 is treated as 1, as Consul's docs ask. Right
+after an outage or an index reset, an empty answer is not believed for
+``reconnect_grace`` seconds: a restarted agent that lost its state lists
+nothing until the services re-register (within their resync interval).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import dataclasses
 import logging
 import random
 import socket
+import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 
@@ -184,8 +188,11 @@ def _instance(entry: Mapping) -> Instance:
 class ServiceWatch:
     """The passing instances of one service, kept current by blocking queries."""
 
-    def __init__(self, consul_url: str, service: str, *, wait: str = "30s", tag: str | None = None) -> None:
+    def __init__(self, consul_url: str, service: str, *, wait: str = "30s", tag: str | None = None,
+                 reconnect_grace: float = 15.0) -> None:
         self.url = consul_url
+        self.reconnect_grace = reconnect_grace  # seconds an empty answer after an outage is not believed
+        self._distrust_empty_until = 0.0
         self.service = service
         self.wait = wait
         self.tag = tag
@@ -243,11 +250,21 @@ class ServiceWatch:
                     "error": f"{type(exc).__name__}: {exc}"})
                 await asyncio.sleep(delay)
                 continue
-            if self.errors:
-                log.info("consul watch recovered", extra={"service": self.service})
+            if self.errors or index < self.index:
+                # Back after an outage, or the index went backwards: the agent may have
+                # restarted and lost its state, and services re-register only at their
+                # next resync. Until then an empty answer is not believed.
+                log.info("consul watch recovered", extra={"service": self.service, "index": index})
+                self._distrust_empty_until = time.monotonic() + self.reconnect_grace
             self.errors = 0
             # Went backwards (the agent restarted): start over with a fresh query.
             self.index = 0 if index < self.index else max(index, 1)
+            if not instances and self.instances and time.monotonic() < self._distrust_empty_until:
+                log.warning("consul lists no instances right after reconnecting; keeping the last known set "
+                            "until services re-register", extra={"service": self.service, "instances": len(self.instances)})
+                await asyncio.sleep(0.5)  # ask again soon: the next answer may already be the re-registered set
+                self.index = 0
+                continue
             self._apply(instances)
 
     def _apply(self, instances: list[Instance]) -> None:

@@ -157,7 +157,7 @@ async def test_watch_keeps_last_set_while_consul_is_down_and_follows_an_index_re
     agent = ConsulAgent()
     port = await agent.start()
     reg = Registration(agent.url, "frontend", "127.0.0.1", srv.port, resync_seconds=0.2)
-    watch = ServiceWatch(agent.url, "frontend", wait="1s")
+    watch = ServiceWatch(agent.url, "frontend", wait="1s", reconnect_grace=2.0)
     await watch.start()
     await reg.start()
     try:
@@ -172,7 +172,32 @@ async def test_watch_keeps_last_set_while_consul_is_down_and_follows_an_index_re
         await eventually(lambda: watch.errors == 0 and reg.registrations >= 2, WAIT, "recovered and re-registered")
         await eventually(lambda: _ports(watch) == [srv.port], WAIT, "watch sees the re-registered instance")
         await reg.stop()
-        await eventually(lambda: watch.instances == [], WAIT, "a deregistration after the reset is seen")
+        await eventually(lambda: watch.instances == [], WAIT, "a deregistration after the reset is seen (after the grace)")
+    finally:
+        await reg.stop()
+        await watch.close()
+        await agent.stop()
+
+
+async def test_an_empty_answer_right_after_an_outage_is_not_believed(servers):
+    """A dev agent restarted without state lists nothing until services re-register:
+    consumers keep their last known set for the grace period meanwhile."""
+    srv = await servers()
+    agent = ConsulAgent()
+    await agent.start()
+    reg = Registration(agent.url, "scheduler", "127.0.0.1", srv.port, resync_seconds=3600)  # never re-registers
+    watch = ServiceWatch(agent.url, "scheduler", wait="1s", reconnect_grace=3.0)
+    await watch.start()
+    await reg.start()
+    try:
+        await eventually(lambda: _ports(watch) == [srv.port], WAIT)
+        await agent.stop()
+        await eventually(lambda: watch.errors >= 1, WAIT, "queries failing")
+        agent.forget_all(reset_index=True)
+        await agent.start()
+        await eventually(lambda: watch.errors == 0, WAIT, "reconnected")
+        assert _ports(watch) == [srv.port]  # the empty answer was not believed (yet)
+        await eventually(lambda: watch.instances == [], WAIT, "believed once the grace is over")
     finally:
         await reg.stop()
         await watch.close()
