@@ -183,7 +183,8 @@ class Stack:
         http_port = free_port(h)
         ports = {flag: str(free_port(h)) for flag in ("-server-port", "-serf-lan-port", "-serf-wan-port")}
         argv = [binary, "agent", "-dev", "-bind", h, "-client", h, "-http-port", str(http_port),
-                "-grpc-port", "-1", "-dns-port", "-1", *[x for kv in ports.items() for x in kv]]
+                "-grpc-port", "-1", "-dns-port", "-1", "-hcl", "ports { grpc_tls = -1 }",
+                *[x for kv in ports.items() for x in kv]]
         svc = Service("consul", "consul", "", http=f"{h}:{http_port}")
         svc.child = Child("consul", argv, self.state_dir / "logs" / "consul.log")
         return [svc]

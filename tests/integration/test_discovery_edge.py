@@ -251,6 +251,24 @@ async def test_killed_worker_is_dropped_everywhere(fabric, consul):
             assert (await _chat(stub)).usage.completion_tokens >= 1
 
 
+async def test_envoy_keeps_its_config_while_the_control_plane_is_down(fabric):
+    """SIGKILL the control plane: Envoy serves on with its last config; restarted,
+    the control plane is back in Envoy's ADS connection and in Consul."""
+    xds = fabric.get("xds")
+    xds.child.signal(signal.SIGKILL)
+    xds.child.proc.wait(10)
+    async with edge_channel(_edge(fabric), KEY) as ch:
+        stub = inference_pb2_grpc.InferenceServiceStub(ch)
+        for _ in range(3):
+            assert (await _chat(stub)).usage.completion_tokens >= 1
+    stats = lambda: _admin(fabric, "/stats?filter=control_plane.connected_state")  # noqa: E731
+    await eventually(lambda: "connected_state: 0" in stats(), WAIT, "Envoy noticed the control plane is gone")
+    xds.child.start(dict(os.environ))
+    await eventually(lambda: "connected_state: 1" in stats(), WAIT + 30, "Envoy reconnected to the control plane")
+    async with edge_channel(_edge(fabric), KEY) as ch:
+        assert (await _chat(inference_pb2_grpc.InferenceServiceStub(ch))).usage.completion_tokens >= 1
+
+
 async def test_traffic_continues_when_consul_goes_away(fabric, consul):
     """Consul dies: everyone keeps its last known endpoints; when it comes back
     empty, every service registers again."""
