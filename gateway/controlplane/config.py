@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from llmfabric.gateway.policy import parse_tenant_limits
+from llmfabric.gateway.policy import EdgePolicy, RateLimit, parse_tenant_limits
 from llmfabric.runtime.config import ConfigError, ServerSettings, setting
 from llmfabric.runtime.upstream import parse_target
 
@@ -53,5 +53,22 @@ class XdsConfig(ServerSettings):
             raise ConfigError(str(exc)) from None
         if not 0 < self.listen_port < 65536:
             raise ConfigError(f"{PREFIX}LISTEN_PORT={self.listen_port}: not a port")
-        if self.max_request_bytes < 1024:
-            raise ConfigError(f"{PREFIX}MAX_REQUEST_BYTES={self.max_request_bytes}: must be >= 1024")
+        self._check_policy()
+
+    def _check_policy(self) -> None:
+        """Everything the edge policy would reject, named by its variable (not a traceback at load)."""
+        checks = [
+            ("RATE_LIMIT_RPS", lambda: RateLimit(self.rate_limit_rps, self.rate_limit_burst) if self.rate_limit_rps else None),
+            ("MAX_REQUEST_BYTES", lambda: EdgePolicy("x", max_request_bytes=self.max_request_bytes, auth_required=False)),
+            ("STREAM_IDLE_TIMEOUT_S", lambda: EdgePolicy("x", stream_idle_timeout_s=self.stream_idle_timeout_s,
+                                                          auth_required=False)),
+            ("CORS_ORIGINS", lambda: EdgePolicy("x", cors_allow_origins=self.cors_origins, auth_required=False)),
+            ("TENANT_RATE_LIMITS", lambda: EdgePolicy(
+                "x", auth_required=False, rate_limit=RateLimit(1, 1),
+                tenant_rate_limits=parse_tenant_limits(self.tenant_rate_limits, f"{PREFIX}TENANT_RATE_LIMITS"))),
+        ]
+        for name, build in checks:
+            try:
+                build()
+            except ValueError as exc:
+                raise ConfigError(f"{PREFIX}{name}: {exc}") from None

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
-import os
 import pathlib
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -71,7 +71,7 @@ class ControlPlane:
         self.keys: tuple[ApiKey, ...] = ()
         self.backends = Backends()
         self.publishes = 0
-        self._keys_stamp: tuple[float, int] | None = None
+        self._keys_stamp: bytes | None = None
         self._poll: asyncio.Task | None = None
 
     # ------------------------------------------------------------ inputs
@@ -83,12 +83,12 @@ class ControlPlane:
             raise ValueError("an API key appears both in API_KEYS and in API_KEYS_FILE")
         return keys
 
-    def _stamp(self) -> tuple[float, int] | None:
+    def _stamp(self) -> bytes | None:
+        """The key file's content digest (an edit keeping size and mtime tick is still seen)."""
         try:
-            st = os.stat(self.cfg.api_keys_file)
+            return hashlib.sha256(pathlib.Path(self.cfg.api_keys_file).read_bytes()).digest()
         except OSError:
             return None
-        return st.st_mtime, st.st_size
 
     async def _poll_keys(self) -> None:
         """Re-read the key file when it changes; a broken edit keeps the previous keys."""

@@ -294,12 +294,14 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                     self._log_push(stream, response)
                 self._notify()
         finally:
+            # Forget the stream before awaiting anything: gRPC may cancel this
+            # handler during the await, which must not leave a ghost stream.
+            self._streams.pop(stream.id, None)
             reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-            del self._streams[stream.id]
             extra = {"node_id": stream.node_id, "responses": stream.responses}
             log.info("xds stream disconnected: %s", stream.node_id, extra=extra)
             self._notify()
+            await asyncio.gather(reader, return_exceptions=True)
 
     @staticmethod
     def _log_push(stream: _Stream, r: discovery_pb2.DiscoveryResponse) -> None:
