@@ -125,8 +125,12 @@ def _render(template: str, **context: Any) -> str:
     return _env().get_template(template).render(**context)
 
 
+# libyaml's parser when present: the pure-Python one made a snapshot ~5x slower (46 vs 9 ms).
+_YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _load(template: str, **context: Any) -> dict[str, Any]:
-    return yaml.safe_load(_render(template, **context))
+    return yaml.load(_render(template, **context), Loader=_YamlLoader)  # noqa: S506 - a safe loader
 
 
 def _bucket(limit: RateLimit) -> dict[str, Any]:
