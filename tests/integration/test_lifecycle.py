@@ -163,7 +163,9 @@ async def test_sigterm_drains_in_flight_streams(two_workers):
 
 def test_llmfabric_up_status_chat_and_ctrl_c(tmp_path):
     port, admin = free_port(), free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # no LLMFABRIC_API_KEYS: `up` makes a local key (under XDG_CONFIG_HOME, here a temp dir) and `chat` finds it
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    env.pop("LLMFABRIC_API_KEYS", None)
     up = subprocess.Popen([sys.executable, "-m", "llmfabric.cli.main", "up", "--port", str(port), "--admin-port", str(admin),
                            "--state-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
@@ -179,9 +181,17 @@ def test_llmfabric_up_status_chat_and_ctrl_c(tmp_path):
                                 capture_output=True, text=True, timeout=30)
         assert status.returncode == 0, status.stdout + status.stderr
         assert status.stdout.count("SERVING") >= 5
+        key_file = tmp_path / "config" / "llmfabric" / "api-keys"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        key = _first_key(key_file)
+        assert any(key in line for line in lines), "the banner shows the local key"
         chat = subprocess.run([sys.executable, "-m", "llmfabric.cli.main", "chat", "--edge", f"127.0.0.1:{port}",
-                               "--max-tokens", "8", "Say hi"], capture_output=True, text=True, timeout=60)
+                               "--max-tokens", "8", "Say hi"], capture_output=True, text=True, timeout=60, env=env)
         assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+        anonymous = subprocess.run([sys.executable, "-m", "llmfabric.cli.main", "chat", "--edge", f"127.0.0.1:{port}",
+                                    "--max-tokens", "8", "Say hi"], capture_output=True, text=True, timeout=60,
+                                   env={**env, "XDG_CONFIG_HOME": str(tmp_path / "nokeys")})
+        assert anonymous.returncode == 1 and "UNAUTHENTICATED" in anonymous.stderr
         up.send_signal(signal.SIGINT)
         assert up.wait(60) == 0
     finally:
@@ -193,6 +203,12 @@ def test_llmfabric_up_status_chat_and_ctrl_c(tmp_path):
             break
         time.sleep(0.1)
     assert not alive, f"orphans left running: {alive}"
+
+
+def _first_key(path) -> str:
+    from llmfabric.gateway.apikeys import load_api_keys_file
+
+    return load_api_keys_file(path)[0].key
 
 
 def _alive(pid: int) -> bool:

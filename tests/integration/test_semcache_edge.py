@@ -15,22 +15,26 @@ import aiohttp
 import grpc
 import pytest
 
-from fabric_testing import eventually  # tests/ is on sys.path (tests/conftest.py)
+from fabric_testing import bearer, edge_channel, eventually  # tests/ is on sys.path (tests/conftest.py)
 
 from llmfabric.cli.processes import free_port
 from llmfabric.cli.stack import Stack, StackOptions
 from llmfabric.common.v1 import common_pb2
+from llmfabric.gateway.apikeys import generate_api_key
 from llmfabric.inference.v1 import inference_pb2, inference_pb2_grpc
 from llmfabric.semcache.v1 import semcache_pb2, semcache_pb2_grpc
 
 pytestmark = pytest.mark.integration
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+# Tenants come from API keys at the edge (a client's own x-tenant-id is dropped there).
+KEYS = {"main": generate_api_key(), "someone-else": generate_api_key()}
 
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
     opts = StackOptions(workers=1, edge_port=free_port(), admin_port=free_port(), drain_seconds=3.0,
-                        state_dir=tmp_path_factory.mktemp("semcache"), semcache=True)
+                        state_dir=tmp_path_factory.mktemp("semcache"), semcache=True,
+                        api_keys=",".join(f"{k}:{t}" for t, k in KEYS.items()))
     st = Stack(opts)
     asyncio.run(st.start())
     yield st
@@ -39,7 +43,7 @@ def cached(tmp_path_factory):
 
 @pytest.fixture
 async def http(cached):
-    async with aiohttp.ClientSession(f"http://127.0.0.1:{cached.opts.edge_port}") as session:
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{cached.opts.edge_port}", headers=bearer(KEYS["main"])) as session:
         yield session
 
 
@@ -57,7 +61,7 @@ def unique(question: str) -> str:
 async def sse(http, question: str, headers=None, tenant="", max_tokens=24, temperature=0.0):
     body = {"model": "", "messages": [SYSTEM, {"role": "user", "content": question}], "stream": True,
             "max_tokens": max_tokens, "temperature": temperature}
-    hdrs = {**(headers or {}), **({"x-tenant-id": tenant} if tenant else {})}
+    hdrs = {**(headers or {}), **bearer(KEYS[tenant or "main"])}
     async with http.post("/v1/chat/completions", json=body, headers=hdrs) as r:
         assert r.status == 200, await r.text()
         raw = (await r.read()).decode()
@@ -135,7 +139,7 @@ async def test_controls_skip_no_store_threshold_and_nondeterministic(http, cache
 
 async def test_grpc_stream_replay_carries_the_cache_fields(cached, cache_stub):
     q = unique("List two planets.")
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{cached.opts.edge_port}") as ch:
+    async with edge_channel(f"127.0.0.1:{cached.opts.edge_port}", KEYS["main"]) as ch:
         stub = inference_pb2_grpc.InferenceServiceStub(ch)
         req = inference_pb2.ChatStreamRequest(
             messages=[common_pb2.ChatMessage(role="system", content=SYSTEM["content"]), common_pb2.ChatMessage(role="user", content=q)],

@@ -28,6 +28,7 @@ import pytest
 from llmfabric.cli.processes import Child, free_port, stop_all
 from llmfabric.common.v1 import common_pb2
 from llmfabric.convert import request_to_pb
+from llmfabric.gateway.apikeys import generate_api_key
 from llmfabric.models.catalog import ModelNotInstalled, default_model
 from llmfabric.models.gguf import GgufModel
 from llmfabric.runtime.errors import Unavailable
@@ -389,11 +390,12 @@ async def test_llmfabric_up_engine_triton_chats_through_envoy(tmp_path):
     """The real launcher, in its own process (forking service processes from this one, which runs gRPC
     threads, is not safe): `llmfabric up --engine triton`, a chat through the edge, Ctrl-C, nothing left."""
     port, admin = free_port(), free_port()
+    key = generate_api_key()
     argv = [sys.executable, "-m", "llmfabric.cli.main", "up", "--engine", "triton", "--port", str(port),
             "--admin-port", str(admin), "--state-dir", str(tmp_path), "--capacity", "2",
             "--context-length", str(CONTEXT)]
     up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", "LLMFABRIC_API_KEYS": f"{key}:triton-test"})
     try:
         lines = []
         for line in up.stdout:
@@ -410,7 +412,7 @@ async def test_llmfabric_up_engine_triton_chats_through_envoy(tmp_path):
         payload = {"model": "smollm2-135m-instruct", "max_tokens": 16, "temperature": 0,
                    "messages": [{"role": "system", "content": SYSTEM},
                                 {"role": "user", "content": "What is the capital of France?"}]}
-        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", headers={"authorization": f"Bearer {key}"}) as http:
             async with http.post("/v1/chat/completions", json=payload) as r:
                 assert r.status == 200, await r.text()
                 body = await r.json()
