@@ -17,7 +17,6 @@ import pathlib
 import random
 import socket
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
@@ -30,18 +29,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 DESCRIPTOR = ROOT / "build" / "llmfabric.pb"
 
 
-def _ensure_built() -> None:
-    """Run protos/build.py when the descriptor or the stubs are missing or stale."""
-    protos = list((ROOT / "protos").rglob("*.proto"))
-    stale = not DESCRIPTOR.exists() or any(
-        p.stat().st_mtime > DESCRIPTOR.stat().st_mtime for p in protos
-    )
-    stubs = ROOT / "services" / "inference" / "v1" / "inference_pb2_grpc.py"
-    if stale or not stubs.exists():
-        subprocess.run([sys.executable, str(ROOT / "protos" / "build.py")], check=True)
-
-
-_ensure_built()
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from llmfabric.gateway import edge
