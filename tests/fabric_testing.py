@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import pathlib
+import random
 import re
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -97,3 +100,41 @@ def edge_channel(target: str, key: str | None) -> grpc.aio.Channel:
 def bearer(key: str) -> dict[str, str]:
     """HTTP headers that authenticate with ``key``."""
     return {"authorization": f"Bearer {key}"}
+
+
+def start_envoy(config: pathlib.Path, tmp: pathlib.Path) -> subprocess.Popen[bytes]:
+    """The real Envoy on ``config`` in its own session (logs in ``tmp``), access log flushed every 50 ms."""
+    from llmfabric.gateway.edge import envoy_command
+
+    argv = envoy_command(str(config), base_id=random.randrange(1_000, 1_000_000)) + ["--file-flush-interval-msec", "50"]
+    with open(tmp / "envoy.out", "wb") as out, open(tmp / "envoy.err", "wb") as err:
+        return subprocess.Popen(argv, stdout=out, stderr=err, start_new_session=True)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def envoy_ready(admin_port: int, proc: subprocess.Popen, stderr: pathlib.Path) -> None:
+    """Until Envoy's admin /ready answers 200; raise with its stderr if it exits or never does."""
+    import aiohttp
+
+    url = f"http://127.0.0.1:{admin_port}/ready"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(400):
+            if proc.poll() is not None:
+                break
+            try:
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"envoy did not become ready:\n{stderr.read_text()[-4000:]}")

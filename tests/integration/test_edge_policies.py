@@ -14,7 +14,6 @@ import asyncio
 import dataclasses
 import json
 import pathlib
-import random
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -23,6 +22,7 @@ import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
+from fabric_testing import envoy_ready, start_envoy, stop_process
 from aiohttp import web
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -120,10 +120,7 @@ def _start(
             admin_port,
         )
     )
-    argv = edge.envoy_command(str(config), base_id=random.randrange(1_000, 1_000_000))
-    argv += ["--file-flush-interval-msec", "50"]
-    with open(tmp / "envoy.out", "wb") as out, open(tmp / "envoy.err", "wb") as err:
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, start_new_session=True)
+    proc = start_envoy(config, tmp)
     return Edge(
         policy.listen_port,
         admin_port,
@@ -134,30 +131,12 @@ def _start(
 
 
 def _stop(running: Edge) -> None:
-    running.proc.terminate()
-    try:
-        running.proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        running.proc.kill()
-        running.proc.wait()
+    stop_process(running.proc)
 
 
 async def _ready(running: Edge) -> Edge:
-    url = f"http://127.0.0.1:{running.admin_port}/ready"
-    async with aiohttp.ClientSession() as session:
-        for _ in range(400):
-            if running.proc.poll() is not None:
-                break
-            try:
-                async with session.get(url) as resp:
-                    if resp.status == 200:
-                        return running
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-    raise RuntimeError(
-        f"envoy did not become ready:\n{running.stderr.read_text()[-4000:]}"
-    )
+    await envoy_ready(running.admin_port, running.proc, running.stderr)
+    return running
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 import json
 import pathlib
-import random
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -22,6 +21,7 @@ import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
+from fabric_testing import envoy_ready, start_envoy, stop_process
 import yarl
 from aiohttp import web
 
@@ -220,39 +220,18 @@ def envoy(
         )
     )
     edge.validate_config(str(config))
-    argv = edge.envoy_command(str(config), base_id=random.randrange(1_000, 1_000_000))
-    argv += ["--file-flush-interval-msec", "50"]
-    with open(tmp / "envoy.out", "wb") as out, open(tmp / "envoy.err", "wb") as err:
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, start_new_session=True)
+    proc = start_envoy(config, tmp)
     try:
         yield Edge(policy, admin_port, proc, tmp / "envoy.err")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 @pytest_asyncio.fixture(scope="module")
 async def edge_cfg(envoy: Edge) -> Edge:
     """The running edge, once its admin /ready answers 200."""
-    url = f"http://127.0.0.1:{envoy.admin_port}/ready"
-    async with aiohttp.ClientSession() as session:
-        for _ in range(400):
-            if envoy.proc.poll() is not None:
-                break
-            try:
-                async with session.get(url) as resp:
-                    if resp.status == 200:
-                        return envoy
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-    raise RuntimeError(
-        f"envoy did not become ready:\n{envoy.stderr.read_text()[-4000:]}"
-    )
+    await envoy_ready(envoy.admin_port, envoy.proc, envoy.stderr)
+    return envoy
 
 
 @pytest_asyncio.fixture
