@@ -678,47 +678,6 @@ def test_policy_tenants(descriptor: str) -> None:
     assert list(_policy(descriptor, rate_limit=None).tenant_buckets()) == []
 
 
-# --- the older EdgeConfig API (services/cli/stack.py) --------------------------------------
-
-
-def _config(descriptor: str, **overrides: object) -> edge.EdgeConfig:
-    fields: dict[str, object] = {
-        "frontend_grpc_host": "127.0.0.1",
-        "frontend_grpc_port": 50051,
-        "frontend_http_host": "127.0.0.1",
-        "frontend_http_port": 8000,
-        "descriptor_path": descriptor,
-    }
-    fields.update(overrides)
-    return edge.EdgeConfig(**fields)  # type: ignore[arg-type]
-
-
-def test_edge_config_renders_an_open_static_edge(
-    descriptor: str, tmp_path: pathlib.Path
-) -> None:
-    cfg = _config(
-        descriptor, frontend_http_host="frontend", listen_port=18080, admin_port=19901
-    )
-    text = edge.render_bootstrap(cfg)
-    edge.validate_config(_write(tmp_path, text))
-    doc = yaml.safe_load(text)
-    (listener,) = doc["static_resources"]["listeners"]
-    assert listener["address"]["socket_address"]["port_value"] == 18080
-    assert doc["admin"]["address"]["socket_address"]["port_value"] == 19901
-    assert "envoy.filters.http.api_key_auth" not in _filters(listener)
-    assert "envoy.filters.http.local_ratelimit" not in _filters(listener)
-    assert cfg.policy().auth_required is False
-
-
-def test_edge_config_rejects_bad_values(descriptor: str) -> None:
-    with pytest.raises(ValueError, match="listen_port"):
-        _config(descriptor, listen_port=70000)
-    with pytest.raises(ValueError, match="timeouts"):
-        _config(descriptor, request_timeout_s=-1)
-    with pytest.raises(ValueError, match="descriptor_path"):
-        _config("")
-
-
 # --- the envoy process ---------------------------------------------------------------------
 
 
