@@ -7,7 +7,7 @@ import dataclasses
 
 from llmfabric.gateway.policy import EdgePolicy, RateLimit, parse_tenant_limits
 from llmfabric.runtime.config import ConfigError, ServerSettings, setting
-from llmfabric.runtime.upstream import parse_target
+from llmfabric.runtime.upstream import config_target
 
 PREFIX = "LLMFABRIC_XDS_"
 
@@ -34,14 +34,8 @@ class XdsConfig(ServerSettings):
     keys_poll_seconds: float = setting(2.0, help="how often the API key file is checked for changes")
 
     def validate(self) -> None:
-        try:
-            target = parse_target(self.frontend, f"{PREFIX}FRONTEND")
-            if not target.consul_service:
-                parse_target(self.frontend_http, f"{PREFIX}FRONTEND_HTTP")
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if target.consul_service and not self.consul:
-            raise ConfigError(f"{PREFIX}FRONTEND={self.frontend!r} needs {PREFIX}CONSUL (the agent's address)")
+        if not config_target(PREFIX, "frontend", self.frontend, self.consul).consul_service:
+            config_target(PREFIX, "frontend_http", self.frontend_http, self.consul)
         if self.auth and not (self.api_keys or self.api_keys_file):
             raise ConfigError(f"{PREFIX}AUTH is on but no keys: set {PREFIX}API_KEYS_FILE (key:tenant lines) "
                               f"or {PREFIX}API_KEYS, or {PREFIX}AUTH=false for development")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from llmfabric.runtime.config import ConfigError, ServerSettings, setting
-from llmfabric.runtime.upstream import parse_target
+from llmfabric.runtime.upstream import config_target
 
 PREFIX = "LLMFABRIC_FRONTEND_"
 
@@ -25,11 +25,6 @@ class FrontendConfig(ServerSettings):
             value = getattr(self, name)
             if name == "semcache" and not value:
                 continue
-            try:
-                target = parse_target(value, f"{PREFIX}{name.upper()}")
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-            if target.consul_service and not self.consul:
-                raise ConfigError(f"{PREFIX}{name.upper()}={value!r} needs {PREFIX}CONSUL (the agent's address)")
+            config_target(PREFIX, name, value, self.consul)
         if self.cache_timeout <= 0:
             raise ConfigError(f"{PREFIX}CACHE_TIMEOUT={self.cache_timeout}: must be positive")

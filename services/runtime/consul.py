@@ -62,6 +62,12 @@ def client(url: str) -> consul.aio.Consul:
     return consul.aio.Consul(host=parts.hostname, port=parts.port or 8500, scheme=parts.scheme or "http")
 
 
+async def close_client(agent: consul.aio.Consul) -> None:
+    """Close a client's HTTP session (py-consul has no close())."""
+    with contextlib.suppress(Exception):
+        await agent.http._session.close()
+
+
 def advertised_host(bind_host: str) -> str:
     """The address others reach a server bound to ``bind_host`` at."""
     if bind_host not in ("", "0.0.0.0", "::"):
@@ -172,8 +178,7 @@ class Registration:
         except Exception as exc:  # noqa: BLE001 - the check's deregister-after cleans up
             log.warning("consul deregistration failed", extra={"service_id": self.service_id, "error": str(exc)})
         finally:
-            with contextlib.suppress(Exception):
-                await self._client.http._session.close()
+            await close_client(self._client)
             self._client = None
 
 
@@ -222,8 +227,7 @@ class ServiceWatch:
                 await self._task
             self._task = None
         if self._client is not None:
-            with contextlib.suppress(Exception):
-                await self._client.http._session.close()
+            await close_client(self._client)
             self._client = None
 
     async def _query(self) -> tuple[int, list[Instance]]:

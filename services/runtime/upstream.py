@@ -19,6 +19,7 @@ from typing import Generic, TypeVar
 
 import grpc
 
+from .config import ConfigError
 from .consul import PREFIX, ServiceWatch
 from .errors import Unavailable
 from .server import GRPC_OPTIONS
@@ -52,6 +53,19 @@ def parse_target(value: str, what: str) -> Target:
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"{what}={value!r}: {addr!r} is not host:port (or use consul:<service>)")
     return Target(addresses=addresses)
+
+
+def config_target(prefix: str, field: str, value: str, consul_url: str) -> Target:
+    """:func:`parse_target` for a setting: a ConfigError naming ``<prefix><FIELD>``,
+    and ``<prefix>CONSUL`` when a ``consul:`` target has no agent to ask."""
+    what = f"{prefix}{field.upper()}"
+    try:
+        target = parse_target(value, what)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if target.consul_service and not consul_url:
+        raise ConfigError(f"{what}={value!r} needs {prefix}CONSUL (the agent's address)")
+    return target
 
 
 class Upstream(Generic[S]):

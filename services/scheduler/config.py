@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from llmfabric.runtime.config import ConfigError, ServerSettings, setting
-from llmfabric.runtime.upstream import parse_target
+from llmfabric.runtime.upstream import config_target
 
 from .router import RoutingPolicy
 
@@ -44,12 +44,7 @@ class SchedulerConfig(ServerSettings):
     def validate(self) -> None:
         if not self.workers:
             raise ConfigError(f"{PREFIX}WORKERS is required: comma-separated worker host:port addresses or consul:<service>")
-        try:
-            target = parse_target(",".join(self.workers), f"{PREFIX}WORKERS")
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if target.consul_service and not self.consul:
-            raise ConfigError(f"{PREFIX}WORKERS={','.join(self.workers)!r} needs {PREFIX}CONSUL (the agent's address)")
+        config_target(PREFIX, "workers", ",".join(self.workers), self.consul)
         policies = [p.value for p in RoutingPolicy]
         if self.routing not in policies:
             raise ConfigError(f"{PREFIX}ROUTING={self.routing!r}: must be one of {', '.join(policies)}")
