@@ -8,6 +8,10 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.llmfabric-installed
 NODE_STAMP := tests/node/node_modules/.installed
+# docker-compose 1.29.2 validates docker-compose.yml offline, in its own venv (it pins PyYAML < 6 and
+# jsonschema 3; kubernetes-validate, which needs jsonschema 4, is a test dependency of the main venv)
+DEPLOY_VENV ?= .venv-deploy
+DEPLOY_STAMP := $(DEPLOY_VENV)/.llmfabric-installed
 # llama-cpp-python compiles from source here (≈5 min once; pip caches the wheel)
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -15,7 +19,7 @@ UP_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: install protos up test unit integration lint bench clean
-.PHONY: embedding
+.PHONY: embedding deploy-tools deploy-check
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +54,22 @@ $(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
 
 install: $(STAMP)
 
+# docker-compose==1.29.2 builds PyYAML 5.4 from source, which needs cython<3 (the venv's own pip, not upgraded:
+# newer pips stop applying PIP_CONSTRAINT to build dependencies, hence PIP_BUILD_CONSTRAINT too)
+$(DEPLOY_STAMP): Makefile
+	@test -x $(DEPLOY_VENV)/bin/python || $(PYTHON) -m venv $(DEPLOY_VENV)
+	echo 'cython<3' > $(DEPLOY_VENV)/constraints.txt
+	PIP_CONSTRAINT=$(abspath $(DEPLOY_VENV))/constraints.txt PIP_BUILD_CONSTRAINT=$(abspath $(DEPLOY_VENV))/constraints.txt \
+	  $(DEPLOY_VENV)/bin/pip install -q docker-compose==1.29.2
+	@command -v kubectl >/dev/null || echo "warning: kubectl not on PATH: the k8s/ render tests will fail"
+	@touch $@
+
+deploy-tools: $(DEPLOY_STAMP)
+
+# the deploy files alone: compose config per profile, Envoy configs, kustomize + kubernetes-validate, no drift
+deploy-check: protos $(DEPLOY_STAMP)
+	$(PY) -m pytest tests/deploy $(PYTEST_ARGS)
+
 protos: $(STAMP)
 	$(PY) protos/build.py
 
@@ -65,11 +85,11 @@ unit: protos
 integration: protos $(NODE_STAMP)
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
-test: lint $(NODE_STAMP)
+test: lint $(NODE_STAMP) $(DEPLOY_STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 bench: protos
 	$(PY) loadtest/bench_edge.py
 
 clean:
-	rm -rf build .llmfabric services/*/v1 services/common services/inference tests/node/node_modules
+	rm -rf build .llmfabric $(DEPLOY_VENV) services/*/v1 services/common services/inference tests/node/node_modules

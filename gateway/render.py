@@ -281,13 +281,24 @@ def render_static_bootstrap(
 
 
 def render_ads_bootstrap(
-    node_id: str, admin_host: str, admin_port: int, xds_host: str, xds_port: int
+    node_id: str, admin_host: str, admin_port: int, xds_host: str, xds_port: int,
+    *, ops_port: int = 0, ops_host: str = "0.0.0.0",
 ) -> str:
-    """Bootstrap YAML whose listeners, clusters and endpoints all come over ADS."""
+    """Bootstrap YAML whose listeners, clusters and endpoints all come over ADS.
+
+    ``ops_port`` adds a static listener on ``ops_host:ops_port`` that serves
+    only the admin interface's ``/ready`` and ``/stats/prometheus`` (for
+    probes and Prometheus in containers), so the admin interface itself, whose
+    /config_dump shows API keys, stays on loopback."""
     if not node_id:
         raise ValueError("render_ads_bootstrap: node_id is required")
     _check_admin(admin_host, admin_port)
     _check_endpoint(xds_host, xds_port, XDS_CLUSTER)
+    if ops_port:
+        if not 0 < ops_port < 65536 or ops_port == admin_port:
+            raise ValueError(f"ops_port {ops_port!r}: a port 1..65535 other than the admin port")
+        if admin_port == 0:
+            raise ValueError("ops_port needs a fixed admin_port (it forwards to the admin interface)")
     return _render(
         "bootstrap_ads.yaml.j2",
         node_id=node_id,
@@ -296,4 +307,7 @@ def render_ads_bootstrap(
         xds_host=xds_host,
         xds_port=xds_port,
         xds_discovery=_discovery_type([xds_host]),
+        ops_host=ops_host,
+        ops_port=ops_port,
+        admin_upstream="127.0.0.1" if admin_host in ("0.0.0.0", "::") else admin_host,
     )

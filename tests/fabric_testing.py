@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import pathlib
 import random
 import re
 import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Callable
 
 import grpc
@@ -138,3 +141,33 @@ async def envoy_ready(admin_port: int, proc: subprocess.Popen, stderr: pathlib.P
                 pass
             await asyncio.sleep(0.05)
     raise RuntimeError(f"envoy did not become ready:\n{stderr.read_text()[-4000:]}")
+
+
+STANDIN = pathlib.Path(__file__).resolve().parent / "fakes" / "consul_agent.py"
+
+
+class ConsulProcess:
+    """The stand-in agent as a child process on a fixed port (restartable, killable)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(STANDIN), "--port", str(self.port)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("CONSUL_STANDIN_READY"), line
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=5) as resp:  # noqa: S310 - loopback
+            return json.loads(resp.read())
+
+    def passing(self, service: str) -> list[dict]:
+        return self.get(f"/v1/health/service/{service}?passing=1")

@@ -4,6 +4,9 @@
                [--frontends N] [--discovery auto|static|consul] [--consul URL] [--no-auth] [--rate-limit RPS]
   llmfabric status [--state-dir .llmfabric] [--edge 127.0.0.1:8080]
   llmfabric chat "question" [--edge 127.0.0.1:8080] [--max-tokens N]
+  llmfabric serve tokenizer|semcache|worker|scheduler|frontend|xds|envoy   (a container's entrypoint)
+  llmfabric probe <service>     (exit 0 when the local service is ready: container health checks)
+  llmfabric bake                (derive the model files into $LLMFABRIC_CACHE_DIR: image build)
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 
 from llmfabric.gateway.apikeys import ENV_KEYS, ensure_local_keys, load_api_keys_file, local_keys_path, parse_api_keys
 
+from .container import NAMES, probe, serve
 from .stack import Stack, StackOptions
 
 
@@ -164,7 +168,27 @@ def main(argv: list[str] | None = None) -> int:
     ch.add_argument("--temperature", type=float, default=None)
     ch.add_argument("--api-key", default="", help="edge API key (default: $LLMFABRIC_API_KEY, else the local key)")
 
+    sv = sub.add_parser("serve", help="run one service in this process (a container's entrypoint)",
+                        description="Run one service with the container defaults (0.0.0.0, well-known ports); "
+                                    "LLMFABRIC_* variables override them.")
+    sv.add_argument("service", choices=NAMES)
+    sv.add_argument("args", nargs=argparse.REMAINDER, help="flags passed to the service")
+    pr = sub.add_parser("probe", help="exit 0 if the local service is ready (container health checks)")
+    pr.add_argument("service", choices=NAMES)
+    pr.add_argument("--timeout", type=float, default=3.0)
+    sub.add_parser("bake", help="derive the model files the services load into $LLMFABRIC_CACHE_DIR (image build)")
+
     args = parser.parse_args(argv)
+    if args.cmd == "serve":
+        return serve(args.service, args.args)
+    if args.cmd == "probe":
+        ok, detail = probe(args.service, args.timeout)
+        print(detail)
+        return 0 if ok else 1
+    if args.cmd == "bake":
+        from .bake import bake
+
+        return bake()
     if args.cmd == "up":
         return _up(args)
     if args.cmd == "status":

@@ -54,6 +54,8 @@ def requantized(src: pathlib.Path, weights: str) -> pathlib.Path:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), tmp.encode(), ctypes.byref(params))
         if rc != 0:
             raise RuntimeError(f"llama.cpp could not convert {src} to {weights} (code {rc})")
+        # readable like any model file (mkstemp makes it 0600): an image bakes it as root for a non-root service
+        os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):

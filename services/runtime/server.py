@@ -2,7 +2,7 @@
 
 ``ServiceHost`` owns one grpc.aio server with the error/metrics interceptor,
 grpc.health.v1 (every service NOT_SERVING until ``set_serving(True)`` and
-again while draining), reflection and the Prometheus endpoint.
+again while draining; "liveness" SERVING throughout), reflection and the Prometheus endpoint.
 ``run_service`` is the process entry: JSON logs, start, SIGTERM/SIGINT →
 drain within ``drain_seconds`` → exit.
 """
@@ -26,6 +26,11 @@ from .logs import setup_logging
 from .metrics import MetricsEndpoint, RpcMetrics
 
 log = logging.getLogger(__name__)
+
+# grpc.health.v1 service name that is SERVING from start to exit, whatever the
+# readiness: Kubernetes liveness probes ask for it, so loading or draining a
+# service (overall status NOT_SERVING) never gets it restarted.
+LIVENESS = "liveness"
 
 GRPC_OPTIONS = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -68,6 +73,7 @@ class ServiceHost:
         if self.port == 0:
             raise OSError(f"{self.name}: cannot bind gRPC port {address}")
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self.server.start()
         self.metrics.start()
         log.info(

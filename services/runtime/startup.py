@@ -68,9 +68,12 @@ def service_main(name: str, cls: type[T], prefix: str, build: Callable[[T], Serv
             if not consul_url:
                 return
             meta_of = getattr(svc, "consul_meta", None)
+            meta = dict(meta_of()) if meta_of is not None else {}
+            if svc.host.metrics.port > 0:  # Prometheus finds every service through Consul (consul_sd_configs)
+                meta["metrics_port"] = str(svc.host.metrics.port)
             reg = Registration(
                 consul_url, name, advertised_host(getattr(cfg, "advertise", "") or svc.host.settings.host),
-                svc.host.port, meta=meta_of() if meta_of is not None else {},
+                svc.host.port, meta=meta,
             )
             await reg.start()
             registration.append(reg)

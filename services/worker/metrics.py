@@ -8,6 +8,9 @@ from llmfabric.runtime.metrics import LATENCY_BUCKETS
 
 from .engine import Engine
 
+# Inter-token gaps: a CPU decode step is ~5-50 ms, a GPU one ~5-20 ms.
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+
 
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry, engine: Engine) -> None:
@@ -23,6 +26,10 @@ class WorkerMetrics:
         self.ttft = Histogram(
             "llmfabric_worker_time_to_first_token_seconds", "Request arrival to first token", buckets=LATENCY_BUCKETS,
             registry=registry,
+        )
+        self.itl = Histogram(
+            "llmfabric_worker_inter_token_seconds", "Time between consecutive generated tokens (inter-token latency)",
+            buckets=ITL_BUCKETS, registry=registry,
         )
         self.e2e = Histogram(
             "llmfabric_worker_request_duration_seconds", "Request arrival to last token", buckets=LATENCY_BUCKETS,

@@ -35,11 +35,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 f"prompt + max_tokens exceeds this worker's context of {self.engine.info.context_length}",
             )
         start, first, finish = time.perf_counter(), True, "cancelled"
+        last = start
         try:
             async for chunk in self.engine.generate(req):
-                if first and self.metrics is not None:
-                    self.metrics.ttft.observe(time.perf_counter() - start)
-                    first = False
+                if self.metrics is not None and chunk.token_ids:
+                    now = time.perf_counter()
+                    if first:
+                        self.metrics.ttft.observe(now - start)
+                        first = False
+                    else:  # the gap shared by the tokens this chunk brings (usually one)
+                        gap = (now - last) / len(chunk.token_ids)
+                        for _ in chunk.token_ids:
+                            self.metrics.itl.observe(gap)
+                    last = now
                 if chunk.finish is not None:
                     finish = chunk.finish.value
                     if self.metrics is not None and chunk.usage is not None:

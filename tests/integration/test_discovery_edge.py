@@ -11,18 +11,16 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 
 import aiohttp
 import grpc
 import pytest
-from fabric_testing import bearer, edge_channel, eventually
+from fabric_testing import ConsulProcess, bearer, edge_channel, eventually
 
 from llmfabric.cli.processes import free_port
-from llmfabric.cli.stack import ROOT, Stack, StackOptions
+from llmfabric.cli.stack import Stack, StackOptions
 from llmfabric.common.v1 import common_pb2
 from llmfabric.gateway.apikeys import generate_api_key
 from llmfabric.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -31,37 +29,9 @@ from llmfabric.worker.v1 import worker_pb2, worker_pb2_grpc
 pytestmark = pytest.mark.integration
 
 KEY, LIMITED_KEY = generate_api_key(), generate_api_key()
-STANDIN = ROOT / "tests" / "fakes" / "consul_agent.py"
 WAIT = 30.0  # bound on anything Consul-driven (1 s checks, 2-core machine under load)
 LONG = [common_pb2.ChatMessage(role="system", content="You are a helpful assistant."),
         common_pb2.ChatMessage(role="user", content="Write a long story about a lighthouse keeper.")]
-
-
-class ConsulProcess:
-    """The stand-in agent as a child process on a fixed port (restartable, killable)."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(STANDIN), "--port", str(self.port)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-        line = self.proc.stdout.readline()  # type: ignore[union-attr]
-        assert line.startswith("CONSUL_STANDIN_READY"), line
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=5) as resp:  # noqa: S310 - loopback
-            return json.loads(resp.read())
-
-    def passing(self, service: str) -> list[dict]:
-        return self.get(f"/v1/health/service/{service}?passing=1")
 
 
 @pytest.fixture(scope="module")
