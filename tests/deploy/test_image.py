@@ -131,3 +131,34 @@ def test_bake_writes_readable_model_files(tmp_path: pathlib.Path) -> None:
     again = subprocess.run([sys.executable, "-m", "llmfabric.cli.main", "bake"], env=env, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0 and "up to date" in again.stdout
+
+
+def test_the_installed_package_works_outside_the_source_tree(tmp_path: pathlib.Path) -> None:
+    """The image installs llmfabric with `pip install .` (not editable): everything the services load at
+    run time (generated stubs, Envoy templates, settings) must be inside that wheel."""
+    import sysconfig
+    import zipfile
+
+    wheels = tmp_path / "wheels"
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
+                          "-w", str(wheels)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    (wheel,) = wheels.glob("llmfabric-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    probe = f"""
+import sys
+sys.path[:0] = [{str(site)!r}, {sysconfig.get_paths()['purelib']!r}]
+import llmfabric
+assert llmfabric.__file__.startswith({str(site)!r}), llmfabric.__file__
+from llmfabric.cli.container import SERVICES
+for svc in SERVICES.values():
+    svc.config_class()
+from llmfabric.gateway.render import render_ads_bootstrap
+assert "ops" in render_ads_bootstrap("n", "127.0.0.1", 9901, "xds", 18000, ops_port=9902)
+import llmfabric.inference.v1.inference_pb2_grpc, llmfabric.worker.v1.worker_pb2_grpc
+import llmfabric.cli.main, llmfabric.gateway.controlplane.server, llmfabric.worker.server, llmfabric.frontend.server
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-S", "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr
