@@ -173,6 +173,9 @@ def test_gpu_profile_engines(resolved: dict) -> None:
     for name in ("sglang", "triton"):
         devices = resolved["services"][name]["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["capabilities"] == ["gpu"], name
+    triton = resolved["services"]["triton"]
+    assert triton["environment"]["TRITON_MODEL"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "--model-repository=/tmp/models" in triton["command"][-1]
     repo = ROOT / "deploy" / "triton" / "model_repository" / "llmfabric_llm"
     assert 'backend: "vllm"' in (repo / "config.pbtxt").read_text()
     assert json.loads((repo / "1" / "model.json").read_text())["model"]

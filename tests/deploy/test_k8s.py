@@ -261,3 +261,17 @@ def test_consul_helm_values_run_an_agent_on_every_node() -> None:
     values = yaml.safe_load((ROOT / "k8s" / "consul" / "values.yaml").read_text())
     assert values["client"]["enabled"] is True  # pods register with the agent on their node (hostPort 8500)
     assert values["server"]["replicas"] >= 1
+
+
+def test_triton_model_repository_matches_the_compose_one() -> None:
+    """Two copies (kustomize reads files under its own root only): same model config, same model and context."""
+    import json
+
+    def config(path: pathlib.Path) -> list[str]:
+        return [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+    compose_repo = ROOT / "deploy" / "triton" / "model_repository" / "llmfabric_llm"
+    k8s_repo = ROOT / "k8s" / "overlays" / "gpu" / "triton"
+    assert config(compose_repo / "config.pbtxt") == config(k8s_repo / "config.pbtxt")
+    a, b = (json.loads(p.read_text()) for p in (compose_repo / "1" / "model.json", k8s_repo / "model.json"))
+    assert (a["model"], a["max_model_len"]) == (b["model"], b["max_model_len"])
