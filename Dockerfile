@@ -39,9 +39,10 @@ RUN python protos/build.py \
  && install -D -m 0644 build/llmfabric.pb /opt/llmfabric/llmfabric.pb
 
 FROM builder AS bake
-# torch (CPU build) only for the one-time ONNX export of the embedding model
+# torch (CPU build) for the one-time ONNX export of the embedding model, onnx for its int8 quantization
 ARG TORCH_VERSION=2.13.0
-RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}"
+RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}" \
+ && pip install onnx
 ENV LLMFABRIC_CACHE_DIR=/opt/llmfabric/cache
 RUN llmfabric bake && ls -l /opt/llmfabric/cache
 

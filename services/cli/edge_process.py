@@ -22,6 +22,7 @@ import urllib.request
 
 from llmfabric.gateway.edge import EnvoyConfigError, envoy_command, validate_config
 from llmfabric.runtime.config import ConfigError, load_config, setting
+from llmfabric.runtime.logs import setup_logging
 
 from .container import ENVOY_ADMIN_PORT, ENVOY_BOOTSTRAP, ENVOY_OPS_PORT
 
@@ -58,7 +59,7 @@ def _admin_post(port: int, path: str) -> None:
         with urllib.request.urlopen(req, timeout=2) as resp:  # noqa: S310 - loopback admin
             resp.read()
     except OSError as exc:
-        log.warning("envoy admin %s failed: %s", path, exc)
+        log.warning("envoy admin request failed", extra={"path": path, "error": str(exc)})
 
 
 def _open_connections(cfg: EnvoySettings) -> int:
@@ -80,8 +81,7 @@ def _open_connections(cfg: EnvoySettings) -> int:
 
 def run_envoy(argv: list[str], environ: dict[str, str] | None = None) -> int:
     """Run Envoy until SIGTERM/SIGINT, then drain and stop it; returns its exit status."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}')
+    setup_logging("envoy")
     try:
         cfg = load_config(EnvoySettings, PREFIX, argv, environ)
     except ConfigError as exc:
@@ -110,11 +110,11 @@ def run_envoy(argv: list[str], environ: dict[str, str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log.info("envoy started (pid %d, bootstrap %s)", child.pid, cfg.bootstrap)
+    log.info("envoy started", extra={"pid": child.pid, "bootstrap": cfg.bootstrap})
     while child.poll() is None and not stopping.wait(0.2):
         pass
     if child.poll() is None:
-        log.info("draining listeners for %.0fs", cfg.drain_seconds)
+        log.info("draining listeners", extra={"drain_seconds": cfg.drain_seconds})
         _admin_post(cfg.admin_port, "/healthcheck/fail")
         _admin_post(cfg.admin_port, "/drain_listeners?graceful")
         start = time.monotonic()
@@ -130,6 +130,6 @@ def run_envoy(argv: list[str], environ: dict[str, str] | None = None) -> int:
     except subprocess.TimeoutExpired:
         child.kill()
         code = child.wait()
-    log.info("envoy exited (%s)", code)
+    log.info("envoy exited", extra={"code": code})
     # Envoy's SIGTERM exit after our drain is a clean stop.
     return 0 if stopping.is_set() and code in (0, -signal.SIGTERM) else (code if code >= 0 else 128 - code)

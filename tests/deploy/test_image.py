@@ -162,3 +162,20 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-S", "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr
+
+
+def test_the_builder_installs_exactly_the_project_dependencies(dockerfile, tmp_path: pathlib.Path) -> None:
+    """The builder's requirements one-liner, run as the Dockerfile runs it, lists pyproject's dependencies."""
+    import tomllib
+
+    run_lines = [a for w, a in stages(dockerfile)["builder"] if w == "RUN" and "tomllib" in a]
+    (line,) = run_lines
+    step = next(part.strip() for part in line.split("&&") if "tomllib" in part)
+    step = step.replace("/tmp/requirements.txt", str(tmp_path / "requirements.txt"))
+    res = subprocess.run(["sh", "-c", step.replace("python ", f"{sys.executable} ", 1)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    listed = (tmp_path / "requirements.txt").read_text().split("\n")
+    expected = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert [x for x in listed if x] == expected
+    assert any(d.startswith("pyyaml") for d in expected), "the control plane needs PyYAML at run time"
