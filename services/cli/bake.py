@@ -1,6 +1,6 @@
 """``llmfabric bake``: derive every model file the services load at run time
 into ``$LLMFABRIC_CACHE_DIR`` ahead of time (the Dockerfile runs it in its
-builder stage, so the runtime image starts without writing anything):
+`bake` stage, so the runtime image starts without writing anything):
 SmolLM2's weights re-encoded as q8_0 for the embedded engine, and the
 semantic cache's MiniLM exported to ONNX (fp32, and its int8 version)."""
 
