@@ -171,3 +171,21 @@ class ConsulProcess:
 
     def passing(self, service: str) -> list[dict]:
         return self.get(f"/v1/health/service/{service}?passing=1")
+
+
+# The CLI as a child process (`llmfabric serve|probe|...` without relying on the console script).
+LLMFABRIC_CLI = [sys.executable, "-m", "llmfabric.cli.main"]
+
+
+def http_status(url: str, method: str = "GET") -> int:
+    """The HTTP status of one request (-1 when nothing answers)."""
+    import urllib.error
+
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=2) as resp:  # noqa: S310 - loopback
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return -1

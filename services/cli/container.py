@@ -73,9 +73,8 @@ SERVICES: dict[str, ContainerService] = {s.name: s for s in (
     ContainerService("xds", "llmfabric.gateway.controlplane", "LLMFABRIC_XDS_", "llmfabric.gateway.controlplane.config:XdsConfig",
                      grpc_port=XDS_PORT, defaults=(("DESCRIPTOR_PATH", IMAGE_DESCRIPTOR), ("LISTEN_PORT", str(EDGE_PORT)))),
 )}
-# Variables read outside a settings class.
-COMMON_VARIABLES = {"LLMFABRIC_CACHE_DIR", "LLMFABRIC_MODEL_NAME", "LLMFABRIC_ENVOY_BOOTSTRAP",
-                    "LLMFABRIC_ENVOY_DRAIN_SECONDS", "LLMFABRIC_ENVOY_LOG_LEVEL", "LLMFABRIC_ENVOY_CONCURRENCY"}
+# Variables read outside a settings class (runtime.config.cache_dir, models.catalog).
+COMMON_VARIABLES = {"LLMFABRIC_CACHE_DIR", "LLMFABRIC_MODEL_NAME", "LLMFABRIC_MODEL_PATH"}
 NAMES = (*SERVICES, "envoy")
 
 

@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from fabric_testing import ConsulProcess
 from llmfabric.cli.processes import free_port
 from llmfabric.cli.stack import Stack, StackOptions
 from llmfabric.gateway.apikeys import generate_api_key
@@ -55,3 +56,12 @@ def worker_address(stack: Stack) -> str:
 def api_key(stack: Stack) -> str:
     """The shared stack's API key (tenant ``itest``)."""
     return API_KEY
+
+
+@pytest.fixture(scope="module")
+def consul():
+    """The Consul agent stand-in as a process of its own (killable, restartable), per test module."""
+    c = ConsulProcess(free_port())
+    c.start()
+    yield c
+    c.kill()

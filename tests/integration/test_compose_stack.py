@@ -18,15 +18,13 @@ import pathlib
 import random
 import re
 import subprocess
-import sys
 import urllib.request
-from collections.abc import Iterator
 
 import aiohttp
 import pytest
 import yaml
 
-from fabric_testing import ConsulProcess, bearer, eventually, stop_process
+from fabric_testing import LLMFABRIC_CLI, ConsulProcess, bearer, eventually, http_status, stop_process
 from llmfabric.cli.container import SERVICES
 from llmfabric.cli.processes import free_port
 from llmfabric.gateway.apikeys import generate_api_key
@@ -36,7 +34,6 @@ pytestmark = pytest.mark.integration
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / ".venv-deploy" / "bin" / "docker-compose"
-LLMFABRIC = [sys.executable, "-m", "llmfabric.cli.main"]
 WAIT = 240.0  # two workers loading a model on a 2-core machine
 
 
@@ -77,13 +74,13 @@ class Process:
 
     def start(self) -> None:
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([*LLMFABRIC, "serve", self.command], env={**os.environ, **self.env},
+            self.proc = subprocess.Popen([*LLMFABRIC_CLI, "serve", self.command], env={**os.environ, **self.env},
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     async def healthy(self) -> bool:
         assert self.proc is not None and self.proc.poll() is None, f"{self.name} exited:\n{self.tail()}"
         assert self.healthcheck[:3] == ["CMD", "llmfabric", "probe"], self.healthcheck
-        res = await asyncio.to_thread(subprocess.run, [*LLMFABRIC, *self.healthcheck[2:]],
+        res = await asyncio.to_thread(subprocess.run, [*LLMFABRIC_CLI, *self.healthcheck[2:]],
                                       env={**os.environ, **self.env}, capture_output=True)
         return res.returncode == 0
 
@@ -145,7 +142,7 @@ class ComposeStack:
                 deps = self.spec["services"][p.name].get("depends_on") or {}
                 await self._wait_healthy([q for q in self.processes if q.name in deps])
                 p.start()
-                await eventually(lambda: _http(f"http://127.0.0.1:{self.ops_port}/ready") == 200, timeout=WAIT,
+                await eventually(lambda: http_status(f"http://127.0.0.1:{self.ops_port}/ready") == 200, timeout=WAIT,
                                  interval=0.2, what=f"envoy ready:\n{p.tail()}")
                 continue
             deps = self.spec["services"][p.name].get("depends_on") or {}
@@ -167,22 +164,6 @@ class ComposeStack:
         for p in reversed(self.processes):
             if p.proc is not None:
                 stop_process(p.proc)
-
-
-def _http(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback
-            return resp.status
-    except OSError:
-        return -1
-
-
-@pytest.fixture(scope="module")
-def consul() -> Iterator[ConsulProcess]:
-    c = ConsulProcess(free_port())
-    c.start()
-    yield c
-    c.kill()
 
 
 @pytest.fixture(scope="module")
@@ -257,4 +238,4 @@ async def test_prometheus_finds_and_scrapes_every_service_through_consul(compose
     assert "llmfabric_scheduler_queue_depth" in scraped["scheduler"]
     envoy = next(j for j in config["scrape_configs"] if j["job_name"] == "envoy")
     assert envoy["static_configs"][0]["targets"] == ["envoy:9902"] and envoy["metrics_path"] == "/stats/prometheus"
-    assert _http(f"http://127.0.0.1:{compose.ops_port}{envoy['metrics_path']}") == 200
+    assert http_status(f"http://127.0.0.1:{compose.ops_port}{envoy['metrics_path']}") == 200

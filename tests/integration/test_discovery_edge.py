@@ -17,7 +17,7 @@ import urllib.request
 import aiohttp
 import grpc
 import pytest
-from fabric_testing import ConsulProcess, bearer, edge_channel, eventually
+from fabric_testing import bearer, edge_channel, eventually
 
 from llmfabric.cli.processes import free_port
 from llmfabric.cli.stack import Stack, StackOptions
@@ -32,14 +32,6 @@ KEY, LIMITED_KEY = generate_api_key(), generate_api_key()
 WAIT = 30.0  # bound on anything Consul-driven (1 s checks, 2-core machine under load)
 LONG = [common_pb2.ChatMessage(role="system", content="You are a helpful assistant."),
         common_pb2.ChatMessage(role="user", content="Write a long story about a lighthouse keeper.")]
-
-
-@pytest.fixture(scope="module")
-def consul():
-    c = ConsulProcess(free_port())
-    c.start()
-    yield c
-    c.kill()
 
 
 @pytest.fixture(scope="module")

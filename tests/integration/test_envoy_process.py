@@ -13,14 +13,13 @@ import pathlib
 import random
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from fabric_testing import eventually, stop_process
+from fabric_testing import LLMFABRIC_CLI, eventually, http_status, stop_process
 from llmfabric.cli.processes import free_port
 from llmfabric.gateway.render import render_ads_bootstrap
 from llmfabric.runtime.health import check
@@ -28,7 +27,6 @@ from llmfabric.runtime.health import check
 pytestmark = pytest.mark.integration
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-LLMFABRIC = [sys.executable, "-m", "llmfabric.cli.main"]
 CHUNKS = 15  # the slow upstream's SSE events, 0.2 s apart
 
 
@@ -66,7 +64,7 @@ async def upstream() -> AsyncIterator[int]:
 
 def _spawn(args: list[str], env: dict[str, str], log: pathlib.Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
-        return subprocess.Popen([*LLMFABRIC, *args], env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+        return subprocess.Popen([*LLMFABRIC_CLI, *args], env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
 
@@ -93,7 +91,7 @@ async def edge(upstream: int, tmp_path: pathlib.Path) -> AsyncIterator[Edge]:
     try:
         try:
             await eventually(lambda: _xds_serving(xds_port), timeout=60, what="xds SERVING")
-            await eventually(lambda: envoy.poll() is not None or _status(ops_port, "/ready") == 200, timeout=60,
+            await eventually(lambda: envoy.poll() is not None or http_status(f"http://127.0.0.1:{ops_port}/ready") == 200, timeout=60,
                              what="envoy /ready on the ops port")
             assert envoy.poll() is None, "envoy exited"
         except AssertionError as err:
@@ -112,22 +110,10 @@ def _tail(log: pathlib.Path) -> str:
     return log.read_text(errors="replace")[-3000:] if log.exists() else ""
 
 
-def _status(port: int, path: str, method: str = "GET") -> int:
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method, data=b"" if method == "POST" else None)
-    try:
-        with urllib.request.urlopen(req, timeout=2) as resp:  # noqa: S310 - loopback
-            return resp.status
-    except urllib.error.HTTPError as err:
-        return err.code
-    except OSError:
-        return -1
 
 
 async def test_ops_listener_serves_only_ready_and_metrics(edge: Edge) -> None:
-    assert _status(edge.ops_port, "/ready") == 200
+    assert http_status(f"http://127.0.0.1:{edge.ops_port}/ready") == 200
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://127.0.0.1:{edge.ops_port}/stats/prometheus") as resp:
             assert resp.status == 200
@@ -135,9 +121,9 @@ async def test_ops_listener_serves_only_ready_and_metrics(edge: Edge) -> None:
     # the admin interface's dangerous paths are not reachable through it
     for path, method in (("/config_dump", "GET"), ("/quitquitquit", "POST"), ("/healthcheck/fail", "POST"),
                          ("/stats/prometheus", "POST"), ("/ready/../config_dump", "GET")):
-        assert _status(edge.ops_port, path, method) == 404, (path, method)
+        assert http_status(f"http://127.0.0.1:{edge.ops_port}{path}", method) == 404, (path, method)
     assert edge.envoy.poll() is None
-    assert _status(edge.ops_port, "/ready") == 200
+    assert http_status(f"http://127.0.0.1:{edge.ops_port}/ready") == 200
 
 
 async def test_sigterm_drains_a_stream_in_flight_then_exits_clean(edge: Edge) -> None:
@@ -149,7 +135,7 @@ async def test_sigterm_drains_a_stream_in_flight_then_exits_clean(edge: Edge) ->
             first = await resp.content.readline()
             events.append(first.decode().strip())
             edge.envoy.send_signal(signal.SIGTERM)
-            await eventually(lambda: _status(edge.ops_port, "/ready") != 200, timeout=10,
+            await eventually(lambda: http_status(f"http://127.0.0.1:{edge.ops_port}/ready") != 200, timeout=10,
                              what="/ready fails once draining")
             async for line in resp.content:
                 if line.strip():
@@ -161,7 +147,7 @@ async def test_sigterm_drains_a_stream_in_flight_then_exits_clean(edge: Edge) ->
 
 
 async def test_bad_bootstrap_path_is_a_config_error(tmp_path: pathlib.Path) -> None:
-    proc = subprocess.run([*LLMFABRIC, "serve", "envoy"], capture_output=True, text=True, timeout=60,
+    proc = subprocess.run([*LLMFABRIC_CLI, "serve", "envoy"], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "LLMFABRIC_ENVOY_BOOTSTRAP": str(tmp_path / "missing.yaml")})
     assert proc.returncode == 2
     assert "LLMFABRIC_ENVOY_BOOTSTRAP" in proc.stderr and "no such file" in proc.stderr
@@ -170,7 +156,7 @@ async def test_bad_bootstrap_path_is_a_config_error(tmp_path: pathlib.Path) -> N
 async def test_rejected_bootstrap_is_a_config_error(tmp_path: pathlib.Path) -> None:
     bad = tmp_path / "bootstrap.yaml"
     bad.write_text("static_resources: {clusters: [{name: x, type: NOPE}]}\n")
-    proc = subprocess.run([*LLMFABRIC, "serve", "envoy"], capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([*LLMFABRIC_CLI, "serve", "envoy"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "LLMFABRIC_ENVOY_BOOTSTRAP": str(bad)})
     assert proc.returncode == 2
     assert "envoy rejected" in proc.stderr

@@ -7,19 +7,15 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 
-from fabric_testing import eventually
+from fabric_testing import LLMFABRIC_CLI, eventually
 from llmfabric.cli.container import SERVICES, probe
 from llmfabric.cli.processes import free_port
 from llmfabric.runtime.config import ServerSettings
 from llmfabric.runtime.health import check
 from llmfabric.runtime.server import LIVENESS, ServiceHost
-
-LLMFABRIC = [sys.executable, "-m", "llmfabric.cli.main"]
-
 
 def test_container_defaults_bind_every_address_on_the_well_known_ports() -> None:
     front = SERVICES["frontend"].environment()
@@ -66,13 +62,13 @@ async def test_serve_runs_the_service_with_container_defaults_and_env_wins() -> 
     port, metrics = free_port(), free_port()
     env = {**os.environ, "LLMFABRIC_TOKENIZER_HOST": "127.0.0.1", "LLMFABRIC_TOKENIZER_PORT": str(port),
            "LLMFABRIC_TOKENIZER_METRICS_PORT": str(metrics), "LLMFABRIC_TOKENIZER_DRAIN_SECONDS": "1"}
-    proc = subprocess.Popen([*LLMFABRIC, "serve", "tokenizer"], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*LLMFABRIC_CLI, "serve", "tokenizer"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         async def probed() -> bool:
             if proc.poll() is not None:
                 return True
-            res = await asyncio.to_thread(subprocess.run, [*LLMFABRIC, "probe", "tokenizer"], env=env,
+            res = await asyncio.to_thread(subprocess.run, [*LLMFABRIC_CLI, "probe", "tokenizer"], env=env,
                                           capture_output=True, text=True)
             return res.returncode == 0
 
@@ -92,11 +88,11 @@ async def test_serve_runs_the_service_with_container_defaults_and_env_wins() -> 
 def test_serve_reports_a_bad_setting_by_its_variable() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMFABRIC_SCHEDULER_")}
     env["LLMFABRIC_SCHEDULER_PORT"] = str(free_port())
-    res = subprocess.run([*LLMFABRIC, "serve", "scheduler"], env=env, capture_output=True, text=True, timeout=60)
+    res = subprocess.run([*LLMFABRIC_CLI, "serve", "scheduler"], env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
     assert "LLMFABRIC_SCHEDULER_WORKERS is required" in res.stderr
 
 
 def test_serve_rejects_an_unknown_service() -> None:
-    res = subprocess.run([*LLMFABRIC, "serve", "nope"], capture_output=True, text=True, timeout=60)
+    res = subprocess.run([*LLMFABRIC_CLI, "serve", "nope"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "invalid choice" in res.stderr
